@@ -1,0 +1,148 @@
+"""Plain-torch references for SEA's sparse attention and mask construction (fp32 inside, obvious, never fast).
+
+Layout, stated once for the whole kernels package:
+    q    (B, Hq, T, D)    queries; the T queries are the *last* T positions of the S keys (prefill: T == S,
+                          one decode step: T == 1), so query t sits at absolute position S - T + t.
+    k, v (B, Hkv, S, D)   keys and values; Hq is a multiple of Hkv (grouped-query attention: query head h reads
+                          key/value head h // (Hq // Hkv)).
+    probs (B, Hq, T, K)   estimated compressed attention probabilities (softmax over K per head), SEA.md step 3.
+    cols (B, Hq, T, c)    kept compressed columns per head, ascending, -1 in unused slots (c = per-head cap).
+    idx  (B, Hq, T, w)    kept key indices per query row, ascending, -1 in unused slots, all -1 at the end.
+
+Compressed column j of a query row covers the keys [floor(j * L / K), floor((j + 1) * L / K)) where L = S for
+bidirectional attention and L = pos + 1 for causal attention (the row's K columns cover only keys [0, pos],
+SEA.md step 5). These half-open spans partition [0, L) exactly, so no key is ever listed twice; when L < K some
+spans are empty and those columns can never be selected.
+
+Nothing here allocates a (T x S) tensor: the largest intermediates are (B, H, T, K) and (B, H, T, w).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "column_spans",
+    "select_columns_ref",
+    "expand_columns_ref",
+    "sparse_index_ref",
+    "sparse_attention_ref",
+]
+
+
+def _query_lengths(T: int, S: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """L per query row: how many keys its K compressed columns span.  # (T,) int64"""
+    if causal:
+        return torch.arange(S - T + 1, S + 1, device=device, dtype=torch.int64)
+    return torch.full((T,), S, device=device, dtype=torch.int64)
+
+
+def column_spans(cols: torch.Tensor, K: int, S: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key span [start, end) of each compressed column in `cols` (..., T, c); int64, computed in int64 so that
+    j * L never overflows at long context."""
+    T = cols.shape[-2]
+    L = _query_lengths(T, S, causal, cols.device).view(T, 1)  # (T, 1)
+    j = cols.to(torch.int64)
+    return torch.div(j * L, K, rounding_mode="floor"), torch.div((j + 1) * L, K, rounding_mode="floor")
+
+
+def select_columns_ref(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, causal: bool) -> torch.Tensor:
+    """Grouped top-k (SEA.md step 4): per query token keep the `n_cols` largest entries of `probs` over all heads
+    and columns together (budget shared across heads), with at most `head_cap` columns in any one head.
+
+    The capped flattened top-k equals a greedy pass over all H*K entries in descending order that skips a head once
+    it is full; we compute it as (1) each head's top `head_cap` columns, then (2) the top `n_cols` of those H*cap
+    candidates. Ties: equal probabilities are taken lower column first within a head and lower head first across
+    heads (stable sorts). Empty-span columns (L < K) are never selected; if fewer than `n_cols` columns are
+    selectable, the rest of the budget stays unused.
+
+    probs: (B, H, T, K) float. Returns cols (B, H, T, c) int32, c = min(head_cap, K), ascending, -1 padded.
+    """
+    B, H, T, K = probs.shape
+    if n_cols < 1 or head_cap < 1:
+        raise ValueError(f"n_cols and head_cap must be >= 1, got {n_cols} and {head_cap}")
+    c = min(head_cap, K)
+    allc = torch.arange(K, device=probs.device).expand(T, K)
+    start, end = column_spans(allc, K, S, causal)  # (T, K)
+    selectable = end > start  # (T, K)
+    p = probs.float().masked_fill(~selectable, float("-inf"))  # (B, H, T, K)
+    vals, cols = torch.sort(p, dim=-1, descending=True, stable=True)
+    vals, cols = vals[..., :c], cols[..., :c]  # (B, H, T, c)
+    flat = vals.permute(0, 2, 1, 3).reshape(B, T, H * c)  # (B, T, H*c), head-major
+    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices[..., :n_cols]
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, order, True) & torch.isfinite(flat)
+    keep = keep.view(B, T, H, c).permute(0, 2, 1, 3)  # (B, H, T, c)
+    cols = torch.where(keep, cols, K)  # K sorts after every real column
+    cols = torch.sort(cols, dim=-1).values
+    return torch.where(cols == K, -1, cols).to(torch.int32)
+
+
+def expand_columns_ref(
+    cols: torch.Tensor, K: int, S: int, causal: bool, key_valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mask interpolation (SEA.md step 5): turn kept compressed columns into per-row key indices.
+
+    cols: (B, H, T, c) int, ascending with -1 padding. key_valid: optional (B, S) bool, False for padding keys,
+    which are dropped. Returns idx (B, H, T, c * ceil(S / K)) int32, ascending, -1 padded at the end.
+    """
+    B, H, T, c = cols.shape
+    span = max(1, math.ceil(S / K))
+    start, end = column_spans(cols.clamp(min=0), K, S, causal)  # (B, H, T, c)
+    key = start.unsqueeze(-1) + torch.arange(span, device=cols.device)  # (B, H, T, c, span)
+    ok = (cols >= 0).unsqueeze(-1) & (key < end.unsqueeze(-1))
+    if key_valid is not None:
+        kv = key_valid.to(torch.bool)
+        b = torch.arange(B, device=cols.device).view(B, 1, 1, 1, 1)
+        ok &= kv[b, key.clamp(max=S - 1)]
+    key = torch.where(ok, key, -1).reshape(B, H, T, c * span)
+    # Compact: valid keys keep their ascending order, holes move to the end (stable sort on "is hole").
+    hole = (key < 0).to(torch.int8)
+    perm = torch.sort(hole, dim=-1, stable=True).indices
+    return key.gather(-1, perm).to(torch.int32)
+
+
+def sparse_index_ref(
+    probs: torch.Tensor,
+    n_cols: int,
+    head_cap: int,
+    S: int,
+    causal: bool,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """select_columns_ref then expand_columns_ref: compressed probabilities -> idx (B, H, T, w)."""
+    K = probs.shape[-1]
+    cols = select_columns_ref(probs, n_cols, head_cap, S, causal)
+    return expand_columns_ref(cols, K, S, causal, key_valid)
+
+
+def sparse_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float, chunk: int = 256
+) -> torch.Tensor:
+    """Attention restricted to the keys in `idx` (SEA.md step 6): softmax(q . k[idx] * scale) @ v[idx].
+
+    q (B, Hq, T, D), k/v (B, Hkv, S, D), idx (B, Hq, T, w) with -1 for empty slots. A row with no key at all
+    outputs zeros. Computed in fp32 and returned in q's dtype; rows are processed `chunk` at a time so the
+    gathered keys, (B, Hq, chunk, w, D), bound the memory.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    w = idx.shape[-1]
+    heads = torch.arange(Hq, device=q.device) // (Hq // Hkv)
+    kh, vh = k[:, heads].float(), v[:, heads].float()  # (B, Hq, S, D)
+    out = torch.empty(B, Hq, T, D, device=q.device, dtype=torch.float32)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        ii = idx[:, :, t0:t1].long()  # (B, Hq, t, w)
+        valid = ii >= 0
+        flat = ii.clamp(min=0).reshape(B, Hq, -1, 1).expand(-1, -1, -1, D)
+        kg = kh.gather(2, flat).view(B, Hq, t1 - t0, w, D)
+        vg = vh.gather(2, flat).view(B, Hq, t1 - t0, w, D)
+        s = torch.einsum("bhtd,bhtwd->bhtw", q[:, :, t0:t1].float(), kg) * scale
+        s = s.masked_fill(~valid, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all -inf row -> NaN -> 0
+        out[:, :, t0:t1] = torch.einsum("bhtw,bhtwd->bhtd", p, vg)
+    return out.to(q.dtype)

@@ -1,0 +1,2 @@
+"""sea_edge.runtime: onnxruntime-based runtime (numpy + onnxruntime only)."""
+__all__: list[str] = []
