@@ -1,0 +1,89 @@
+"""SEAConfig: the one configuration of SEA attention (paper defaults; SEA.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+__all__ = ["SEAConfig", "budget"]
+
+
+@dataclass(frozen=True)
+class SEAConfig:
+    """How each attention layer is replaced by SEA. Defaults are the paper's recommended values."""
+
+    k: int = 64
+    """Attention budget: real keys each query attends on average (64 in the paper's main runs)."""
+    compressed_width: int | None = None
+    """K, width of the estimated compressed attention; None = 256 for causal LMs, 128 for encoders (paper)."""
+    n_features: int | None = None
+    """Performer random features; None = round(D ln D), FAVOR+'s recommendation for head dim D."""
+    mix: bool = True
+    """Output mix of the sparse context with the average context (SEA.md step 7); False = sparse path only."""
+    decoder_channels: int = 4
+    """Channels of the decoder CNN over the (T x K) image (a few suffice: it sharpens, it does not reason)."""
+    decoder_ratio: int = 4
+    """r: the decoder's Linear emits rows of width K / r that are upsampled to K (cuts its parameters by r)."""
+    head_cap_factor: float = 2.0
+    """A head may take at most this many times its fair share of the shared budget; this bounds the width of the
+    per-row key lists (ELL layout) while heads that need more keys still get more (SEA.md step 4)."""
+    performer_chunk: int = 128
+    """Tokens per block of the causal Performer prefix sum: bounds memory at (chunk x chunk) per head."""
+    causal: bool | None = None
+    """None = take it from the teacher (decoder LM: causal, encoder: bidirectional)."""
+    seed: int = 0
+    """Seed of the Performer's random projection (the initial value; the projection then trains)."""
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"k (keys per query) must be >= 1, got {self.k}")
+        if self.compressed_width is not None and self.compressed_width < 2:
+            raise ValueError(f"compressed_width must be >= 2, got {self.compressed_width}")
+        if self.n_features is not None and self.n_features < 1:
+            raise ValueError(f"n_features must be >= 1, got {self.n_features}")
+        if self.decoder_channels < 1:
+            raise ValueError(f"decoder_channels must be >= 1, got {self.decoder_channels}")
+        if self.decoder_ratio < 1:
+            raise ValueError(f"decoder_ratio must be >= 1, got {self.decoder_ratio}")
+        K = self.compressed_width
+        if K is not None and K % self.decoder_ratio:
+            raise ValueError(f"compressed_width {K} must be a multiple of decoder_ratio {self.decoder_ratio}")
+        if self.head_cap_factor < 1.0:
+            raise ValueError(f"head_cap_factor must be >= 1, got {self.head_cap_factor}")
+        if self.performer_chunk < 1:
+            raise ValueError(f"performer_chunk must be >= 1, got {self.performer_chunk}")
+
+    def resolve(self, causal: bool, head_dim: int) -> SEAConfig:
+        """A copy with every None filled in for a teacher (causal or not, head dim D)."""
+        causal = self.causal if self.causal is not None else causal
+        K = self.compressed_width or (256 if causal else 128)
+        m = self.n_features or max(1, round(head_dim * math.log(head_dim)))
+        out = dataclasses.replace(self, causal=causal, compressed_width=K, n_features=m)
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SEAConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown SEAConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def budget(cfg: SEAConfig, n_heads: int, S: int) -> tuple[int, int, int]:
+    """(n_cols, head_cap, span): compressed columns kept per token over all heads, the most one head may take, and
+    the widest key span of a column, ceil(S / K).
+
+    Each column stands for up to `span` keys, so n_cols = floor(H k / span) keeps at most H*k keys per token (the
+    paper's k*K/S columns per head, flattened over heads, SEA.md step 4); at least one column is always kept.
+    """
+    K = cfg.compressed_width
+    span = max(1, math.ceil(S / K))
+    n_cols = max(1, (n_heads * cfg.k) // span)
+    fair = math.ceil(n_cols / n_heads)
+    head_cap = min(K, n_cols, max(fair, math.ceil(cfg.head_cap_factor * n_cols / n_heads)))
+    return n_cols, head_cap, span

@@ -1,0 +1,153 @@
+"""SEA's attention estimator for one layer: Performer estimate -> encoder -> decoder CNN -> compressed logits,
+plus the two output-mix scalars (SEA.md steps 1-3 and 7).
+
+Shapes: B batch, H query heads, Hkv key/value heads, T queries (the last T of S positions), S keys, D head dim,
+K compressed width, m Performer features, C decoder channels. The weights are shared by the heads of a layer
+(heads are a batch dimension) with a learned per-head embedding, so one estimator costs a few hundred KB.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SEAConfig
+
+__all__ = ["SEAEstimator", "EstimatorOutput"]
+
+_EXP_CLAMP = 30.0  # exp(30) * 64k keys stays far below fp32's max: the prefix sums never overflow
+
+
+class EstimatorOutput:
+    """What the estimator returns for one layer."""
+
+    __slots__ = ("logits", "mix", "gain", "features")
+
+    def __init__(self, logits, mix, gain, features):
+        self.logits = logits  # (B, H, T, K) compressed attention logits, -inf on empty columns
+        self.mix = mix  # (B, H, T, 1) share of the sparse context in the output
+        self.gain = gain  # (B, H, T, 1) scale of the sparse context (1 at init)
+        self.features = features  # (B, H, T, 2D) encoder features
+
+
+def _orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    """FAVOR+ projection: blocks of orthogonal rows rescaled to chi-distributed norms (Performer, sec. 2.4)."""
+    blocks, left = [], m
+    while left > 0:
+        g = torch.randn(d, d, generator=generator)
+        q, _ = torch.linalg.qr(g)
+        blocks.append(q.T[: min(d, left)])
+        left -= d
+    w = torch.cat(blocks)  # (m, d), orthonormal rows
+    norms = torch.randn(m, d, generator=generator).norm(dim=1, keepdim=True)
+    return w * norms
+
+
+class SEAEstimator(nn.Module):
+    def __init__(self, cfg: SEAConfig, head_dim: int, n_heads: int, max_positions: int):
+        super().__init__()
+        if cfg.compressed_width is None or cfg.n_features is None or cfg.causal is None:
+            raise ValueError("SEAEstimator needs a resolved SEAConfig (call cfg.resolve(causal, head_dim))")
+        D, K, m, C = head_dim, cfg.compressed_width, cfg.n_features, cfg.decoder_channels
+        self.cfg, self.D, self.K, self.m, self.C = cfg, D, K, m, C
+        self.causal = cfg.causal
+        self.max_positions = max_positions
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.proj = nn.Parameter(_orthogonal_gaussian(m, D, gen))  # (m, D) Performer projection, trainable
+        width = 2 * D  # encoder feature width (SEA.md step 2)
+        self.in_norm = nn.LayerNorm(2 * D + K)
+        self.encoder = nn.Sequential(nn.Linear(2 * D + K, width), nn.GELU(), nn.Linear(width, width))
+        self.head_embed = nn.Parameter(torch.zeros(n_heads, width))
+        self.to_rows = nn.Linear(width, C * (K // cfg.decoder_ratio))
+        self.conv1 = nn.Conv2d(C, C, 3)
+        self.norm = nn.LayerNorm(K)
+        self.conv2 = nn.Conv2d(C, 1, 3)
+        self.mixer = nn.Linear(width, 2)
+        with torch.no_grad():
+            self.mixer.weight.zero_()
+            self.mixer.bias.copy_(torch.tensor([2.0, 0.0]))  # start mostly on the sparse path, gain 1
+
+    # -- step 1: Performer estimate -------------------------------------------------------------------------------
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """Positive random features of x (..., D) -> (..., m).
+
+        x is first scaled to norm D^(1/4), so the kernel approximated is exp(sqrt(D) cos(q, k)): a softmax over
+        cosine similarity. With bounded norms the exponent is bounded, so no data-dependent stabiliser is needed;
+        that keeps the causal prefix sums exactly causal and lets a decode step carry them as plain state.
+        """
+        xt = F.normalize(x.float(), dim=-1) * self.D**0.25
+        z = xt @ self.proj.T - 0.5 * math.sqrt(self.D)
+        return torch.exp(z.clamp(max=_EXP_CLAMP))
+
+    def _eye(self, positions: torch.Tensor, S: int) -> torch.Tensor:
+        """The "eye" basis (SEA.md step 1): one-hot of each key's compressed column. Bidirectional: K columns over
+        the S keys. Causal: over the model's max positions, so a key's column never depends on later tokens."""
+        L = self.max_positions if self.causal else S
+        col = torch.clamp(torch.div(positions * self.K, L, rounding_mode="floor"), max=self.K - 1)
+        return F.one_hot(col, self.K).float()  # (S, K)
+
+    def performer(self, q, k, v, key_valid=None):
+        """Linear-time attention of q over [v, eye] (SEA.md step 1). Returns (B, H, T, D + K).
+
+        q (B, H, T, D); k, v (B, Hkv, S, D); key_valid (B, S) bool or None.
+        """
+        B, H, T, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        g = H // Hkv
+        qf = self._features(q).view(B, Hkv, g, T, self.m)  # (B, Hkv, g, T, m)
+        kf = self._features(k)  # (B, Hkv, S, m)
+        if key_valid is not None:
+            kf = kf * key_valid[:, None, :, None].to(kf.dtype)
+        pos = torch.arange(S, device=q.device)
+        ones = torch.ones(B, Hkv, S, 1, device=q.device)
+        vals = torch.cat([v.float(), self._eye(pos, S).expand(B, Hkv, S, self.K), ones], dim=-1)  # (B,Hkv,S,D+K+1)
+        if not self.causal:
+            state = kf.transpose(-1, -2) @ vals  # (B, Hkv, m, D+K+1)
+            num = qf @ state.unsqueeze(2)  # (B, Hkv, g, T, D+K+1)
+        else:
+            num = self._causal_linear_attention(qf, kf, vals, S - T)
+        num = num.reshape(B, H, T, -1)
+        return num[..., :-1] / num[..., -1:].clamp(min=1e-30)
+
+    def _causal_linear_attention(self, qf, kf, vals, offset):
+        """Causal prefix sums in blocks: keys before the block enter through a running (m x width) state, keys
+        inside it through a (chunk x chunk) lower-triangular product, so memory never grows with T * S."""
+        B, Hkv, g, T, m = qf.shape
+        state = kf[:, :, :offset].transpose(-1, -2) @ vals[:, :, :offset]  # (B, Hkv, m, W): keys before query 0
+        chunk = self.cfg.performer_chunk
+        out = []
+        for t0 in range(0, T, chunk):
+            t1 = min(T, t0 + chunk)
+            s0, s1 = offset + t0, offset + t1
+            kc, vc = kf[:, :, s0:s1], vals[:, :, s0:s1]  # (B, Hkv, c, m), (B, Hkv, c, W)
+            qc = qf[:, :, :, t0:t1]  # (B, Hkv, g, c, m)
+            tri = torch.ones(t1 - t0, t1 - t0, device=qf.device, dtype=torch.bool).tril()
+            scores = (qc @ kc.transpose(-1, -2).unsqueeze(2)) * tri  # (B, Hkv, g, c, c)
+            out.append(scores @ vc.unsqueeze(2) + qc @ state.unsqueeze(2))
+            state = state + kc.transpose(-1, -2) @ vc
+        return torch.cat(out, dim=3)  # (B, Hkv, g, T, W)
+
+    # -- steps 2-3: encoder and decoder CNN ----------------------------------------------------------------------
+    def _conv(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """3x3 conv over the (T x K) image; causal in T (pads only rows above) so row t never sees later rows."""
+        top = 2 if self.causal else 1
+        bottom = 0 if self.causal else 1
+        return conv(F.pad(x, (1, 1, top, bottom)))
+
+    def forward(self, q, k, v, selectable, key_valid=None) -> EstimatorOutput:
+        """q (B, H, T, D), k/v (B, Hkv, S, D), selectable (T, K) bool: columns with a non-empty key span."""
+        B, H, T, D = q.shape
+        ctx = self.performer(q, k, v, key_valid)  # (B, H, T, D+K)
+        x = torch.cat([ctx, F.normalize(q.float(), dim=-1)], dim=-1)
+        feat = self.encoder(self.in_norm(x)) + self.head_embed[:, None, :]  # (B, H, T, 2D)
+        rows = self.to_rows(feat).view(B * H, T, self.C, -1).permute(0, 2, 1, 3)  # (B*H, C, T, K/r)
+        img = rows.repeat_interleave(self.cfg.decoder_ratio, dim=-1)  # (B*H, C, T, K)
+        img = img + F.gelu(self._conv(self.conv1, img))
+        img = self.norm(img)
+        logits = self._conv(self.conv2, img).view(B, H, T, self.K)  # (B, H, T, K)
+        logits = logits.masked_fill(~selectable, float("-inf"))
+        mix, gain = torch.sigmoid(self.mixer(feat)).unbind(-1)
+        return EstimatorOutput(logits, mix.unsqueeze(-1), 2.0 * gain.unsqueeze(-1), feat)
