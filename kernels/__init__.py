@@ -1,5 +1,6 @@
 """SEA kernels: sparse attention over per-row key indices and mask construction, Triton on GPU with plain-torch
-references (layout in reference.py). Imports nothing else of sea_edge; triton is imported lazily."""
+references (layout in reference.py). Imports nothing else of sea_edge; triton is imported lazily: the Triton
+functions below load kernels/sparse_attention.py or kernels/mask.py (and triton) on first use."""
 
 from .op import sparse_attention
 from .reference import (
@@ -10,8 +11,32 @@ from .reference import (
     sparse_index_ref,
 )
 
+_LAZY = {
+    "select_columns": "mask",
+    "expand_columns": "mask",
+    "sparse_index": "mask",
+    "sparse_attention_triton": "sparse_attention",
+    "sparse_attention_triton_bwd": "sparse_attention",
+    "sparse_attention_plan": "sparse_attention",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "sparse_attention",
+    "sparse_attention_triton",
+    "sparse_attention_triton_bwd",
+    "sparse_attention_plan",
+    "select_columns",
+    "expand_columns",
+    "sparse_index",
     "sparse_attention_ref",
     "select_columns_ref",
     "expand_columns_ref",

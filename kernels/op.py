@@ -1,7 +1,9 @@
 """`sea_edge::sparse_attention`, the one attention op every SEA layer calls.
 
-CPU implementation: the plain-torch reference. CUDA implementation: the Triton kernel (filled in by
-sparse_attention.py; until it is registered, CUDA falls back to the reference too). A fake (meta) implementation
+CPU implementation: the plain-torch reference. CUDA implementation: the Triton kernels of sparse_attention.py, for
+the forward op and for the backward op (which recomputes the forward's logsumexp in Triton, since the op's schema
+returns only the output). triton is imported inside the CUDA implementations only, so `import sea_edge.kernels`
+works without it. A fake (meta) implementation
 lets torch.compile / torch.export trace it, and autograd is registered so the estimator can train through it.
 Layout: see reference.py.
 """
@@ -20,17 +22,51 @@ def _sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx:
     return sparse_attention_ref(q, k, v, idx, scale)
 
 
+@_sparse_attention_op.register_kernel("cuda")
+def _(q, k, v, idx, scale):
+    from .sparse_attention import sparse_attention_triton  # lazy: triton only where CUDA runs
+
+    return sparse_attention_triton(q, k, v, idx, scale)
+
+
 @_sparse_attention_op.register_fake
 def _(q, k, v, idx, scale):
     return torch.empty_like(q)
 
 
-def _backward_ref(grad, q, k, v, idx, scale):
-    """Backward through the reference (recomputes the forward): CPU path and the fallback."""
-    with torch.enable_grad():
-        qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
-        out = sparse_attention_ref(qq, kk, vv, idx, scale)
-        return torch.autograd.grad(out, (qq, kk, vv), grad)
+def _backward_ref(grad, q, k, v, idx, scale, chunk: int = 256):
+    """Backward of sparse_attention_ref written out (fp32 inside, rows `chunk` at a time): the CPU path.
+
+    Not autograd through the reference: inside a custom op's implementation the dispatcher is already below the
+    autograd key, so `torch.enable_grad()` there records no graph. Softmax backward: ds = p * (dp - sum(p * dp)).
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    w = idx.shape[-1]
+    group = Hq // Hkv
+    heads = torch.arange(Hq, device=q.device) // group
+    kh, vh = k[:, heads].float(), v[:, heads].float()  # (B, Hq, S, D)
+    dq = torch.empty(B, Hq, T, D, device=q.device, dtype=torch.float32)
+    dkh = torch.zeros(B, Hq, S, D, device=q.device, dtype=torch.float32)
+    dvh = torch.zeros(B, Hq, S, D, device=q.device, dtype=torch.float32)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        ii = idx[:, :, t0:t1].long()  # (B, Hq, t, w)
+        valid = ii >= 0
+        flat = ii.clamp(min=0).reshape(B, Hq, -1, 1).expand(-1, -1, -1, D)
+        kg = kh.gather(2, flat).view(B, Hq, t1 - t0, w, D)
+        vg = vh.gather(2, flat).view(B, Hq, t1 - t0, w, D)
+        qc, gc = q[:, :, t0:t1].float(), grad[:, :, t0:t1].float()
+        s = torch.einsum("bhtd,bhtwd->bhtw", qc, kg) * scale
+        p = torch.softmax(s.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)  # (B, Hq, t, w)
+        dp = torch.einsum("bhtd,bhtwd->bhtw", gc, vg)
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale  # (B, Hq, t, w); zero at holes since p = 0
+        dq[:, :, t0:t1] = torch.einsum("bhtw,bhtwd->bhtd", ds, kg)
+        dkh.scatter_add_(2, flat, torch.einsum("bhtw,bhtd->bhtwd", ds, qc).reshape(B, Hq, -1, D))
+        dvh.scatter_add_(2, flat, torch.einsum("bhtw,bhtd->bhtwd", p, gc).reshape(B, Hq, -1, D))
+    dk = dkh.view(B, Hkv, group, S, D).sum(2)
+    dv = dvh.view(B, Hkv, group, S, D).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @torch.library.custom_op("sea_edge::sparse_attention_bwd", mutates_args=())
@@ -39,6 +75,13 @@ def _sparse_attention_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = _backward_ref(grad, q, k, v, idx, scale)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_sparse_attention_bwd_op.register_kernel("cuda")
+def _(grad, q, k, v, idx, scale):
+    from .sparse_attention import sparse_attention_triton_bwd
+
+    return sparse_attention_triton_bwd(grad, q, k, v, idx, scale)
 
 
 @_sparse_attention_bwd_op.register_fake

@@ -1,0 +1,187 @@
+"""Triton mask construction (SEA.md steps 4 and 5): grouped top-k over the compressed estimate, and its
+interpolation into per-row key indices. Outputs are identical (same keys, same order) to select_columns_ref and
+expand_columns_ref in reference.py, whose layout and tie rules they follow.
+
+select_columns: one program per query token (b, t), holding all H*K probabilities of that token. Instead of the
+reference's two sorts it finds thresholds by bisection on the bits of an order-preserving int key of each fp32
+value (32 steps, each a compare-and-count), first per head (the head_cap-th largest), then over the surviving
+candidates (the n_cols-th largest). Ties at a threshold are broken exactly like the stable sorts of the reference:
+lower column first within a head, then lower head first across heads (row-major rank = a cumulative sum).
+
+expand_columns: one program per (b, h, t) row; each kept column j covers the keys [floor(j L / K),
+floor((j + 1) L / K)) (reference.column_spans); valid keys are written compacted in slot order, holes (-1) after.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["select_columns", "expand_columns", "sparse_index"]
+
+
+@triton.jit
+def _order_key(x):
+    """fp32 -> int64 in [0, 2^32) with the same order as the floats (-0.0 is first turned into +0.0)."""
+    x = x + 0.0
+    bits = x.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
+    return key.to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _select_columns_fwd_kernel(
+    probs_ptr, cols_ptr, T, S, K, H, n_cols, c,
+    CAUSAL: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
+):
+    pid = tl.program_id(0)  # b * T + t
+    b = pid // T
+    t = pid % T
+    hh = tl.arange(0, BH)
+    jj = tl.arange(0, BK)
+    inside = (hh < H)[:, None] & (jj < K)[None, :]
+    off = ((b * H + hh[:, None]).to(tl.int64) * T + t) * K + jj[None, :]
+    x = tl.load(probs_ptr + off, mask=inside, other=0.0).to(tl.float32)  # (BH, BK)
+    if CAUSAL:
+        L = (S - T + t + 1).to(tl.int64)
+    else:
+        L = S + tl.zeros([], tl.int64)
+    j64 = jj.to(tl.int64)
+    selectable = ((j64 + 1) * L // K) > (j64 * L // K)  # empty spans (L < K) are never selected
+    x = tl.where(selectable[None, :], x, float("-inf"))
+    key = tl.where(inside, _order_key(x), -1)  # -1: padding, below every real key
+
+    # (1) per head: threshold = the c-th largest key (bisection on the 32 key bits)
+    th = tl.zeros([BH], tl.int64)
+    for bit in tl.static_range(31, -1, -1):
+        cand = th | (1 << bit)
+        cnt = tl.sum((key >= cand[:, None]).to(tl.int32), 1)
+        th = tl.where(cnt >= c, cand, th)
+    gt = key > th[:, None]
+    eq = key == th[:, None]
+    eq_rank = tl.cumsum(eq.to(tl.int32), 1)  # ties: lower column first
+    room = c - tl.sum(gt.to(tl.int32), 1)
+    is_cand = gt | (eq & (eq_rank <= room[:, None]))
+
+    # (2) over all heads' candidates: threshold = the n_cols-th largest
+    gkey = tl.where(is_cand, key, -1)
+    g = tl.zeros([], tl.int64)
+    for bit in tl.static_range(31, -1, -1):
+        cand = g | (1 << bit)
+        cnt = tl.sum(tl.sum((gkey >= cand).to(tl.int32), 1), 0)
+        g = tl.where(cnt >= n_cols, cand, g)
+    ggt = gkey > g
+    geq = gkey == g
+    # row-major rank of the ties: lower head first, then lower column (the reference's head-major stable sort)
+    geq_i = geq.to(tl.int32)
+    row_tot = tl.sum(geq_i, 1)
+    g_rank = (tl.cumsum(row_tot, 0) - row_tot)[:, None] + tl.cumsum(geq_i, 1)
+    groom = n_cols - tl.sum(tl.sum(ggt.to(tl.int32), 1), 0)
+    keep = (ggt | (geq & (g_rank <= groom))) & (x > float("-inf"))
+
+    # write each head's kept columns ascending, then -1 in the unused slots (disjoint addresses)
+    keep_i = keep.to(tl.int32)
+    pos = tl.cumsum(keep_i, 1) - 1
+    out_row = ((b * H + hh).to(tl.int64) * T + t) * c  # (BH,)
+    tl.store(cols_ptr + out_row[:, None] + pos, jj[None, :] + tl.zeros([BH, BK], tl.int32), mask=keep)
+    n_keep = tl.sum(keep_i, 1)
+    slot = tl.arange(0, BC)
+    tl.store(cols_ptr + out_row[:, None] + slot[None, :], tl.full([BH, BC], -1, tl.int32),
+             mask=(hh < H)[:, None] & (slot[None, :] >= n_keep[:, None]) & (slot[None, :] < c))
+
+
+def select_columns(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, causal: bool) -> torch.Tensor:
+    """Triton twin of select_columns_ref: per token keep the n_cols largest of H*K probabilities, at most
+    head_cap per head. probs (B, H, T, K) float. Returns cols (B, H, T, min(head_cap, K)) int32, ascending, -1 padded.
+    """
+    if probs.dim() != 4:
+        raise ValueError(f"probs must be (B, H, T, K), got shape {tuple(probs.shape)}")
+    if n_cols < 1 or head_cap < 1:
+        raise ValueError(f"n_cols and head_cap must be >= 1, got {n_cols} and {head_cap}")
+    B, H, T, K = probs.shape
+    if causal and T > S:
+        raise ValueError(f"causal needs T <= S, got T={T}, S={S}")
+    c = min(head_cap, K)
+    BH, BK = triton.next_power_of_2(H), triton.next_power_of_2(K)
+    if BH * BK > 65536:
+        raise ValueError(f"H * K too large for one program: H={H}, K={K}")
+    cols = torch.empty(B, H, T, c, device=probs.device, dtype=torch.int32)
+    if B * T == 0:
+        return cols
+    _select_columns_fwd_kernel[(B * T,)](
+        probs_ptr=probs.contiguous(), cols_ptr=cols, T=T, S=S, K=K, H=H, n_cols=n_cols, c=c,
+        CAUSAL=bool(causal), BH=BH, BK=BK, BC=triton.next_power_of_2(c), num_warps=8 if BH * BK >= 4096 else 4,
+    )
+    return cols
+
+
+@triton.jit
+def _expand_columns_fwd_kernel(
+    cols_ptr, kv_ptr, idx_ptr, T, S, K, H, c, W, span,
+    CAUSAL: tl.constexpr, HAS_KV: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr, BW: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b * H + h) * T + t
+    t = pid % T
+    b = pid // (H * T)
+    if CAUSAL:
+        L = (S - T + t + 1).to(tl.int64)
+    else:
+        L = S + tl.zeros([], tl.int64)
+    ss = tl.arange(0, BS)
+    out_row = idx_ptr + pid.to(tl.int64) * W
+    n_out = tl.zeros([], tl.int32)
+    for c0 in range(0, c, BC):
+        ci = c0 + tl.arange(0, BC)
+        col = tl.load(cols_ptr + pid.to(tl.int64) * c + ci, mask=ci < c, other=-1).to(tl.int64)  # (BC,)
+        colc = tl.maximum(col, 0)
+        start = colc * L // K
+        end = (colc + 1) * L // K
+        key = start[:, None] + ss[None, :]  # (BC, BS)
+        ok = (col >= 0)[:, None] & (key < end[:, None]) & (ss < span)[None, :]
+        if HAS_KV:
+            ok &= tl.load(kv_ptr + b.to(tl.int64) * S + key, mask=ok, other=0) != 0
+        ok_i = ok.to(tl.int32)
+        row_tot = tl.sum(ok_i, 1)
+        rank = (tl.cumsum(row_tot, 0) - row_tot)[:, None] + tl.cumsum(ok_i, 1)  # slot order == ascending keys
+        tl.store(out_row + n_out + rank - 1, key.to(tl.int32), mask=ok)
+        n_out += tl.sum(row_tot, 0)
+    for w0 in range(0, W, BW):
+        wi = w0 + tl.arange(0, BW)
+        tl.store(out_row + wi, tl.full([BW], -1, tl.int32), mask=(wi >= n_out) & (wi < W))
+
+
+def expand_columns(cols: torch.Tensor, K: int, S: int, causal: bool,
+                   key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton twin of expand_columns_ref: kept compressed columns (B, H, T, c) -> idx (B, H, T, c * ceil(S / K))
+    int32, ascending, -1 padded; keys with key_valid[b, key] False are dropped."""
+    if cols.dim() != 4:
+        raise ValueError(f"cols must be (B, H, T, c), got shape {tuple(cols.shape)}")
+    B, H, T, c = cols.shape
+    if causal and T > S:
+        raise ValueError(f"causal needs T <= S, got T={T}, S={S}")
+    span = max(1, math.ceil(S / K))
+    W = c * span
+    idx = torch.empty(B, H, T, W, device=cols.device, dtype=torch.int32)
+    if idx.numel() == 0:
+        return idx
+    if key_valid is not None and tuple(key_valid.shape) != (B, S):
+        raise ValueError(f"key_valid must be (B, S) = {(B, S)}, got {tuple(key_valid.shape)}")
+    kv = key_valid.to(torch.int8).contiguous() if key_valid is not None else idx  # dummy pointer when absent
+    BS = triton.next_power_of_2(span)
+    BC = max(1, min(triton.next_power_of_2(c), 4096 // BS))
+    _expand_columns_fwd_kernel[(B * H * T,)](
+        cols_ptr=cols.to(torch.int32).contiguous(), kv_ptr=kv, idx_ptr=idx, T=T, S=S, K=K, H=H, c=c, W=W,
+        span=span, CAUSAL=bool(causal), HAS_KV=key_valid is not None, BC=BC, BS=BS,
+        BW=min(1024, triton.next_power_of_2(W)), num_warps=4,
+    )
+    return idx
+
+
+def sparse_index(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, causal: bool,
+                 key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """select_columns then expand_columns: compressed probabilities (B, H, T, K) -> idx (B, H, T, w)."""
+    cols = select_columns(probs, n_cols, head_cap, S, causal)
+    return expand_columns(cols, probs.shape[-1], S, causal, key_valid)

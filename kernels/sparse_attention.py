@@ -1,0 +1,303 @@
+"""Triton sparse attention over per-row key indices (SEA.md step 6): forward, backward, and the block plan.
+
+Layout: see reference.py (q (B, Hq, T, D); k, v (B, Hkv, S, D); idx (B, Hq, T, w) int32, ascending, -1 at the end).
+Every idx row must be strictly ascending (no key twice), as the references produce it.
+
+Design (why tensor cores work on a per-row sparse mask):
+  SEA's rows are runs of ~S/K consecutive keys and neighbouring rows share most runs. So for a tile of BM query rows
+  of one head we list the *union* of the BN-key blocks that any of its rows touches, and for each (block, row) a
+  64-bit mask of which keys of the block that row keeps ("the plan", built by `_sparse_attention_plan_kernel` in one
+  pass over idx: a BM-way merge of the sorted rows). The attention kernels then run dense tl.dot tiles
+  (BM x BN x D) over the union blocks, with the bitmask as the score mask, and an online softmax (FlashAttention-2).
+  Memory is linear: the plan holds (blocks per tile) x BM x 8 bytes, about T * (w / BN) * 8 bytes per head for
+  SEA-shaped masks, never T x S.
+  GQA: each query head has its own idx, so each (b, query head) has its own plan; heads of one group read the same
+  K/V blocks, which then come from L2.
+Backward: dq in the same tile loop; dk and dv are accumulated with fp32 atomics into (B, Hkv, S, D) buffers,
+because a key block is shared by many tiles, overlapping rows and every head of its GQA group; a transposed
+(key-major) plan would need a sort of all (tile, block) pairs per call, and atomics on distinct tiles rarely collide.
+The summation order is therefore not deterministic (fp32 rounding differences only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["sparse_attention_plan", "sparse_attention_triton", "sparse_attention_triton_bwd", "SparsePlan"]
+
+BLOCK_N = 64  # keys per block: the per-(row, block) mask is one int64
+_INF = 2**31 - 1
+
+
+@triton.jit
+def _sparse_attention_plan_kernel(
+    idx_ptr, blk_ptr, bits_ptr, cnt_ptr,
+    T, W, n_tiles, cap,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    """One program per (tile of BM rows, b*Hq + h): merge the BM sorted idx rows block by block."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = tile * BM + tl.arange(0, BM)
+    rmask = rows < T
+    row_ptr = idx_ptr + (bh.to(tl.int64) * T + rows) * W  # (BM,) start of each idx row
+    cols = tl.arange(0, BN)
+    p = tl.zeros([BM], dtype=tl.int32)  # per-row pointer: first entry not yet planned
+    cur = tl.load(row_ptr, mask=rmask, other=-1)  # the launcher never runs W == 0
+    cur = tl.where(cur < 0, _INF, cur)
+    lo = tl.min(cur, 0)
+    u = tl.full([], 0, tl.int32)
+    base = (bh.to(tl.int64) * n_tiles + tile) * cap
+    one = tl.full([BM, BN], 1, tl.int64)
+    while lo < _INF:
+        n0 = (lo // BN) * BN
+        offs = p[:, None] + cols[None, :]  # (BM, BN): the next BN entries of each row hold all its keys in block
+        vals = tl.load(row_ptr[:, None] + offs, mask=rmask[:, None] & (offs < W), other=-1)
+        inb = (vals >= n0) & (vals < n0 + BN)
+        # distinct keys -> distinct bits, so the sum is the OR (bit 63 wraps to the sign bit, still exact)
+        bits = tl.sum(tl.where(inb, one << tl.where(inb, vals - n0, 0).to(tl.int64), 0), 1)  # (BM,) int64
+        ok = u < cap
+        tl.store(blk_ptr + base + u, n0 // BN, mask=ok)
+        tl.store(bits_ptr + (base + u) * BM + tl.arange(0, BM), bits, mask=(u + tl.zeros([BM], tl.int32)) < cap)
+        p += tl.sum(inb.to(tl.int32), 1)
+        nxt = tl.load(row_ptr + p, mask=rmask & (p < W), other=-1)
+        cur = tl.where(nxt < 0, _INF, nxt)
+        lo = tl.min(cur, 0)
+        u += 1
+    tl.store(cnt_ptr + bh * n_tiles + tile, u)
+
+
+class SparsePlan:
+    """Union key blocks per query tile and the per-(block, row) key bitmasks; see the module docstring."""
+
+    def __init__(self, blk: torch.Tensor, bits: torch.Tensor, cnt: torch.Tensor, block_m: int, cap: int):
+        self.blk, self.bits, self.cnt, self.block_m, self.cap = blk, bits, cnt, block_m, cap
+
+    @property
+    def blocks(self) -> int:
+        """Total (tile, key block) pairs: the dense tile work of one pass."""
+        return int(self.cnt.sum())
+
+
+def _sparse_attention_plan(idx: torch.Tensor, S: int, block_m: int) -> SparsePlan:
+    B, H, T, W = idx.shape
+    n_tiles = triton.cdiv(T, block_m)
+    n_kblocks = triton.cdiv(S, BLOCK_N)
+    # First guess of blocks per tile: SEA rows are runs, so the union is a few times w / BN; rerun if exceeded.
+    cap = max(1, min(n_kblocks, 4 * triton.cdiv(W, BLOCK_N) + 8))
+    cnt = torch.zeros(B * H, n_tiles, device=idx.device, dtype=torch.int32)
+    if W == 0 or T == 0:  # no keys at all: every row outputs zeros
+        return SparsePlan(cnt.new_zeros(B * H, n_tiles, 1), cnt.new_zeros(B * H, n_tiles, 1, block_m,
+                          dtype=torch.int64), cnt, block_m, 1)
+    for _ in range(2):
+        blk = torch.empty(B * H, n_tiles, cap, device=idx.device, dtype=torch.int32)
+        bits = torch.empty(B * H, n_tiles, cap, block_m, device=idx.device, dtype=torch.int64)
+        _sparse_attention_plan_kernel[(n_tiles, B * H)](
+            idx_ptr=idx, blk_ptr=blk, bits_ptr=bits, cnt_ptr=cnt, T=T, W=W, n_tiles=n_tiles, cap=cap,
+            BM=block_m, BN=BLOCK_N, num_warps=4,
+        )
+        need = int(cnt.max()) if cnt.numel() else 0
+        if need <= cap:
+            break
+        cap = need
+    return SparsePlan(blk, bits, cnt, block_m, cap)
+
+
+def sparse_attention_plan(idx: torch.Tensor, S: int, block_m: int = 64) -> SparsePlan:
+    """Build the block plan of `idx` (B, H, T, w) for keys of length S (one pass over idx)."""
+    if idx.dim() != 4:
+        raise ValueError(f"idx must be (B, H, T, w), got shape {tuple(idx.shape)}")
+    if block_m not in (16, 32, 64, 128):
+        raise ValueError(f"block_m must be 16, 32, 64 or 128, got {block_m}")
+    return _sparse_attention_plan(idx.to(torch.int32).contiguous(), S, block_m)
+
+
+@triton.jit
+def _sparse_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, blk_ptr, bits_ptr, cnt_ptr,
+    qk_scale, T, S, Hq, group, n_tiles, cap,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    hk = (bh % Hq) // group
+    rows = tile * BM + tl.arange(0, BM)
+    rmask = rows < T
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    nb_cols = tl.arange(0, BN)
+    q_off = (bh.to(tl.int64) * T + rows[:, None]) * D + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=rmask[:, None] & dmask[None, :], other=0.0)  # (BM, BLOCK_D)
+    kv_base = (b.to(tl.int64) * (Hq // group) + hk) * S * D
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BLOCK_D], tl.float32)
+    n_u = tl.load(cnt_ptr + bh * n_tiles + tile)
+    base = (bh.to(tl.int64) * n_tiles + tile) * cap
+    for u in range(0, n_u):
+        nb = tl.load(blk_ptr + base + u)
+        keys = nb * BN + nb_cols  # (BN,)
+        kmask = keys < S
+        kv_off = kv_base + keys[:, None].to(tl.int64) * D + d[None, :]
+        kvm = kmask[:, None] & dmask[None, :]
+        kb = tl.load(k_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
+        vb = tl.load(v_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
+        bits = tl.load(bits_ptr + (base + u) * BM + tl.arange(0, BM))  # (BM,) int64
+        keep = ((bits[:, None] >> nb_cols[None, :].to(tl.int64)) & 1) != 0  # (BM, BN)
+        s = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale  # (BM, BN), log2 units
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet: exp2(-inf) = 0
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
+        m_i = m_new
+    empty = l_i == 0.0  # row with no key: zeros out, lse = +inf so that backward's exp2(s - lse) = 0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(o_ptr + q_off, out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(lse_ptr + bh.to(tl.int64) * T + rows, lse, mask=rmask)
+
+
+@triton.jit
+def _sparse_attention_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, blk_ptr, bits_ptr, cnt_ptr,
+    qk_scale, scale, T, S, Hq, group, n_tiles, cap,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    hk = (bh % Hq) // group
+    rows = tile * BM + tl.arange(0, BM)
+    rmask = rows < T
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    nb_cols = tl.arange(0, BN)
+    q_off = (bh.to(tl.int64) * T + rows[:, None]) * D + d[None, :]
+    qm = rmask[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + q_off, mask=qm, other=0.0)  # (BM, BLOCK_D)
+    do = tl.load(do_ptr + q_off, mask=qm, other=0.0)  # (BM, BLOCK_D)
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * T + rows, mask=rmask, other=float("inf"))  # (BM,)
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * T + rows, mask=rmask, other=0.0)  # (BM,)
+    kv_base = (b.to(tl.int64) * (Hq // group) + hk) * S * D
+    dq = tl.zeros([BM, BLOCK_D], tl.float32)
+    n_u = tl.load(cnt_ptr + bh * n_tiles + tile)
+    base = (bh.to(tl.int64) * n_tiles + tile) * cap
+    for u in range(0, n_u):
+        nb = tl.load(blk_ptr + base + u)
+        keys = nb * BN + nb_cols
+        kmask = keys < S
+        kv_off = kv_base + keys[:, None].to(tl.int64) * D + d[None, :]
+        kvm = kmask[:, None] & dmask[None, :]
+        kb = tl.load(k_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
+        vb = tl.load(v_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
+        bits = tl.load(bits_ptr + (base + u) * BM + tl.arange(0, BM))
+        keep = ((bits[:, None] >> nb_cols[None, :].to(tl.int64)) & 1) != 0
+        s = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale
+        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)  # (BM, BN) probabilities
+        dp = tl.dot(do, tl.trans(vb), input_precision=PREC)  # (BM, BN)
+        ds = p * (dp - delta[:, None])  # (BM, BN) dL/dscore (before the scale)
+        dq += tl.dot(ds.to(kb.dtype), kb, input_precision=PREC)
+        dv_b = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)  # (BN, BLOCK_D)
+        dk_b = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)  # (BN, BLOCK_D)
+        tl.atomic_add(dv_ptr + kv_off, dv_b, mask=kvm)
+        tl.atomic_add(dk_ptr + kv_off, dk_b * scale, mask=kvm)
+    tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qm)
+
+
+def _check(q, k, v, idx):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or idx.dim() != 4:
+        raise ValueError(f"expected 4-d q, k, v, idx; got {q.dim()}, {k.dim()}, {v.dim()}, {idx.dim()}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if tuple(idx.shape[:3]) != tuple(q.shape[:3]):
+        raise ValueError(f"idx {tuple(idx.shape)} must start with q's (B, Hq, T) = {tuple(q.shape[:3])}")
+    if q.shape[-1] > 128:
+        raise ValueError(f"head dim D must be <= 128, got {q.shape[-1]}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _launch_cfg(q: torch.Tensor, block_m: int):
+    D = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(D))
+    # fp32 inputs: full-precision dots (tf32 would be ~1e-3 off, far over torch's own fp32 error)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    num_warps = 8 if block_m >= 128 else 4
+    return block_d, prec, num_warps
+
+
+def _sparse_attention_fwd(q, k, v, plan: SparsePlan, scale: float):
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    block_d, prec, num_warps = _launch_cfg(q, plan.block_m)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    n_tiles = triton.cdiv(T, plan.block_m)
+    _sparse_attention_fwd_kernel[(n_tiles, B * Hq)](
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse, blk_ptr=plan.blk, bits_ptr=plan.bits, cnt_ptr=plan.cnt,
+        qk_scale=scale * math.log2(math.e), T=T, S=S, Hq=Hq, group=Hq // Hkv, n_tiles=n_tiles, cap=plan.cap,
+        D=D, BLOCK_D=block_d, BM=plan.block_m, BN=BLOCK_N, PREC=prec, num_warps=num_warps, num_stages=3,
+    )
+    return out, lse
+
+
+def _sparse_attention_bwd(grad, q, k, v, out, lse, plan: SparsePlan, scale: float):
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    block_d, prec, num_warps = _launch_cfg(q, plan.block_m)
+    delta = (grad.float() * out.float()).sum(-1)  # (B, Hq, T): rowsum(dO * O), FlashAttention-2 Alg. 2
+    dq = torch.empty_like(q)
+    dk = torch.zeros(B, Hkv, S, D, device=q.device, dtype=torch.float32)
+    dv = torch.zeros(B, Hkv, S, D, device=q.device, dtype=torch.float32)
+    n_tiles = triton.cdiv(T, plan.block_m)
+    _sparse_attention_bwd_kernel[(n_tiles, B * Hq)](
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=grad, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq, dk_ptr=dk, dv_ptr=dv,
+        blk_ptr=plan.blk, bits_ptr=plan.bits, cnt_ptr=plan.cnt,
+        qk_scale=scale * math.log2(math.e), scale=scale, T=T, S=S, Hq=Hq, group=Hq // Hkv, n_tiles=n_tiles,
+        cap=plan.cap, D=D, BLOCK_D=block_d, BM=plan.block_m, BN=BLOCK_N, PREC=prec, num_warps=num_warps,
+        num_stages=2,
+    )
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _prep(q, k, v, idx):
+    _check(q, k, v, idx)
+    return q.contiguous(), k.contiguous(), v.contiguous(), idx.to(torch.int32).contiguous()
+
+
+def sparse_attention_triton(q, k, v, idx, scale: float, plan: SparsePlan | None = None, block_m: int = 64,
+                            return_lse: bool = False):
+    """Forward of sparse attention in Triton (no autograd; use sea_edge.kernels.sparse_attention for that).
+
+    q (B, Hq, T, D), k/v (B, Hkv, S, D), idx (B, Hq, T, w) int32 ascending with -1 holes at the end.
+    Returns out (B, Hq, T, D) in q's dtype (and the row logsumexp in log2 units, (B, Hq, T) fp32, if asked).
+    A `plan` from `sparse_attention_plan(idx, S)` may be passed to reuse it (forward and backward, or layers that
+    share a mask).
+    """
+    q, k, v, idx = _prep(q, k, v, idx)
+    if plan is None:
+        plan = _sparse_attention_plan(idx, k.shape[2], block_m)
+    out, lse = _sparse_attention_fwd(q, k, v, plan, float(scale))
+    return (out, lse) if return_lse else out
+
+
+def sparse_attention_triton_bwd(grad, q, k, v, idx, scale: float, plan: SparsePlan | None = None,
+                                block_m: int = 64):
+    """Gradients (dq, dk, dv) of sparse attention; recomputes the forward (out, lse) from the same plan."""
+    q, k, v, idx = _prep(q, k, v, idx)
+    if plan is None:
+        plan = _sparse_attention_plan(idx, k.shape[2], block_m)
+    out, lse = _sparse_attention_fwd(q, k, v, plan, float(scale))
+    return _sparse_attention_bwd(grad.contiguous(), q, k, v, out, lse, plan, float(scale))
