@@ -30,10 +30,18 @@ class SEAState:
     output: torch.Tensor  # (B, H, T, D) mixed output
 
 
-def selectable_columns(T: int, S: int, K: int, causal: bool, device) -> torch.Tensor:
-    """(T, K) bool: compressed columns whose key span is non-empty (causal rows shorter than K have empty ones)."""
-    start, end = column_spans(torch.arange(K, device=device).expand(T, K), K, S, causal)
-    return end > start
+def selectable_columns(T: int, S: int, K: int, causal: bool, device, key_valid=None) -> torch.Tensor:
+    """Compressed columns that hold at least one real key: (T, K) bool, or (B, 1, T, K) with padding.
+
+    Causal rows shorter than K have empty columns; columns made only of padding keys hold nothing either, and
+    masking them keeps the shared budget for real keys. Counted with a prefix sum over keys: linear memory.
+    """
+    start, end = column_spans(torch.arange(K, device=device).expand(T, K), K, S, causal)  # (T, K)
+    if key_valid is None:
+        return end > start
+    csum = torch.nn.functional.pad(key_valid.to(torch.int32).cumsum(1), (1, 0))  # (B, S + 1)
+    count = csum[:, end] - csum[:, start]  # (B, T, K) valid keys per column
+    return (count > 0).unsqueeze(1)
 
 
 def average_context(v, probs, key_valid, causal: bool, n_heads: int) -> torch.Tensor:
@@ -75,7 +83,7 @@ def sea_attention(
     cfg = estimator.cfg
     B, H, T, D = q.shape
     S, K, causal = k.shape[2], estimator.K, estimator.causal
-    selectable = selectable_columns(T, S, K, causal, q.device)  # (T, K)
+    selectable = selectable_columns(T, S, K, causal, q.device, key_valid)  # (T, K) or (B, 1, T, K)
     est = estimator(q, k, v, selectable, key_valid)  # logits (B, H, T, K)
     probs = torch.softmax(est.logits, dim=-1)  # P_hat, SEA.md step 3
     n_cols, head_cap, _ = budget(cfg, H, S)

@@ -2,8 +2,12 @@
 plus the two output-mix scalars (SEA.md steps 1-3 and 7).
 
 Shapes: B batch, H query heads, Hkv key/value heads, T queries (the last T of S positions), S keys, D head dim,
-K compressed width, m Performer features, C decoder channels. The weights are shared by the heads of a layer
-(heads are a batch dimension) with a learned per-head embedding, so one estimator costs a few hundred KB.
+K compressed width, m Performer features, C decoder channels, r decoder ratio. The weights are shared by the heads
+of a layer (heads are a batch dimension) with a learned per-head embedding, so one estimator costs a few hundred KB.
+
+The decoder CNN runs on a (T x K/r) image of C channels and its last conv emits r channels that are shuffled into
+the K columns (pixel shuffle): the same (T x K) logits at full resolution for r times less convolution work and
+memory traffic than convolving the upsampled (T x K) image, which at long context is what the layer's time is.
 """
 
 from __future__ import annotations
@@ -63,8 +67,8 @@ class SEAEstimator(nn.Module):
         self.head_embed = nn.Parameter(torch.zeros(n_heads, width))
         self.to_rows = nn.Linear(width, C * (K // cfg.decoder_ratio))
         self.conv1 = nn.Conv2d(C, C, 3)
-        self.norm = nn.LayerNorm(K)
-        self.conv2 = nn.Conv2d(C, 1, 3)
+        self.norm = nn.LayerNorm(K // cfg.decoder_ratio)
+        self.conv2 = nn.Conv2d(C, cfg.decoder_ratio, 3)  # r sub-columns per pixel, shuffled to width K
         self.mixer = nn.Linear(width, 2)
         with torch.no_grad():
             self.mixer.weight.zero_()
@@ -113,41 +117,45 @@ class SEAEstimator(nn.Module):
         return num[..., :-1] / num[..., -1:].clamp(min=1e-30)
 
     def _causal_linear_attention(self, qf, kf, vals, offset):
-        """Causal prefix sums in blocks: keys before the block enter through a running (m x width) state, keys
-        inside it through a (chunk x chunk) lower-triangular product, so memory never grows with T * S."""
+        """Causal prefix sums in blocks of c tokens, all blocks at once (a handful of launches, not T / c):
+        keys of earlier blocks enter through an exclusive prefix sum of per-block (m x W) states, keys of the same
+        block through a (c x c) lower-triangular product. Memory is linear in T; nothing is (T x S)."""
         B, Hkv, g, T, m = qf.shape
-        state = kf[:, :, :offset].transpose(-1, -2) @ vals[:, :, :offset]  # (B, Hkv, m, W): keys before query 0
-        chunk = self.cfg.performer_chunk
-        out = []
-        for t0 in range(0, T, chunk):
-            t1 = min(T, t0 + chunk)
-            s0, s1 = offset + t0, offset + t1
-            kc, vc = kf[:, :, s0:s1], vals[:, :, s0:s1]  # (B, Hkv, c, m), (B, Hkv, c, W)
-            qc = qf[:, :, :, t0:t1]  # (B, Hkv, g, c, m)
-            tri = torch.ones(t1 - t0, t1 - t0, device=qf.device, dtype=torch.bool).tril()
-            scores = (qc @ kc.transpose(-1, -2).unsqueeze(2)) * tri  # (B, Hkv, g, c, c)
-            out.append(scores @ vc.unsqueeze(2) + qc @ state.unsqueeze(2))
-            state = state + kc.transpose(-1, -2) @ vc
-        return torch.cat(out, dim=3)  # (B, Hkv, g, T, W)
+        W = vals.shape[-1]
+        state0 = kf[:, :, :offset].transpose(-1, -2) @ vals[:, :, :offset]  # (B, Hkv, m, W): keys before query 0
+        c = min(self.cfg.performer_chunk, T)
+        N = -(-T // c)
+        pad = N * c - T
+        kc = F.pad(kf[:, :, offset:], (0, 0, 0, pad)).view(B, Hkv, N, c, m)
+        vc = F.pad(vals[:, :, offset:], (0, 0, 0, pad)).view(B, Hkv, N, c, W)
+        qc = F.pad(qf, (0, 0, 0, pad)).view(B, Hkv, g, N, c, m)
+        blocks = kc.transpose(-1, -2) @ vc  # (B, Hkv, N, m, W)
+        before = blocks.cumsum(2) - blocks + state0.unsqueeze(2)  # exclusive prefix: keys of earlier blocks
+        tri = torch.ones(c, c, device=qf.device, dtype=torch.bool).tril()
+        scores = (qc @ kc.transpose(-1, -2).unsqueeze(2)) * tri  # (B, Hkv, g, N, c, c)
+        out = scores @ vc.unsqueeze(2) + qc @ before.unsqueeze(2)  # (B, Hkv, g, N, c, W)
+        return out.view(B, Hkv, g, N * c, W)[:, :, :, :T]
 
     # -- steps 2-3: encoder and decoder CNN ----------------------------------------------------------------------
     def _conv(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        """3x3 conv over the (T x K) image; causal in T (pads only rows above) so row t never sees later rows."""
+        """3x3 conv over the (T x K/r) image; causal in T (pads only rows above) so row t never sees later rows."""
         top = 2 if self.causal else 1
         bottom = 0 if self.causal else 1
         return conv(F.pad(x, (1, 1, top, bottom)))
 
     def forward(self, q, k, v, selectable, key_valid=None) -> EstimatorOutput:
-        """q (B, H, T, D), k/v (B, Hkv, S, D), selectable (T, K) bool: columns with a non-empty key span."""
+        """q (B, H, T, D), k/v (B, Hkv, S, D), selectable (T, K) or (B, 1, T, K) bool:
+        columns that hold a real key."""
         B, H, T, D = q.shape
         ctx = self.performer(q, k, v, key_valid)  # (B, H, T, D+K)
         x = torch.cat([ctx, F.normalize(q.float(), dim=-1)], dim=-1)
         feat = self.encoder(self.in_norm(x)) + self.head_embed[:, None, :]  # (B, H, T, 2D)
-        rows = self.to_rows(feat).view(B * H, T, self.C, -1).permute(0, 2, 1, 3)  # (B*H, C, T, K/r)
-        img = rows.repeat_interleave(self.cfg.decoder_ratio, dim=-1)  # (B*H, C, T, K)
+        r = self.cfg.decoder_ratio
+        img = self.to_rows(feat).view(B * H, T, self.C, -1).permute(0, 2, 1, 3)  # (B*H, C, T, K/r)
         img = img + F.gelu(self._conv(self.conv1, img))
         img = self.norm(img)
-        logits = self._conv(self.conv2, img).view(B, H, T, self.K)  # (B, H, T, K)
+        sub = self._conv(self.conv2, img)  # (B*H, r, T, K/r)
+        logits = sub.permute(0, 2, 3, 1).reshape(B, H, T, self.K)  # pixel shuffle: column j*r + i <- channel i
         logits = logits.masked_fill(~selectable, float("-inf"))
         mix, gain = torch.sigmoid(self.mixer(feat)).unbind(-1)
         return EstimatorOutput(logits, mix.unsqueeze(-1), 2.0 * gain.unsqueeze(-1), feat)

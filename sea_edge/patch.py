@@ -109,7 +109,9 @@ def to_sea(model: nn.Module, config: SEAConfig | None = None) -> nn.Module:
     config = config or SEAConfig()
     if is_sea(model):
         raise SeaEdgeError("model is already in SEA mode (call sea_edge.to_dense first)")
-    mcfg = model.config
+    mcfg = getattr(model, "config", None)
+    if mcfg is None:
+        raise SeaEdgeError(f"SEA does not know how to patch {type(model).__name__}: it is not a transformers model")
     max_pos = int(getattr(mcfg, "max_position_embeddings", 0) or 0)
     llama = _llama_attentions(model)
     if llama:
