@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+import sea_edge.kernels as kernels
 from sea_edge.kernels import column_spans, sparse_attention, sparse_index_ref
 
 from .config import budget
@@ -88,7 +89,8 @@ def sea_attention(
     probs = torch.softmax(est.logits, dim=-1)  # P_hat, SEA.md step 3
     n_cols, head_cap, _ = budget(cfg, H, S)
     with torch.no_grad():  # top-k is not differentiable (SEA.md, distillation)
-        idx = sparse_index_ref(probs.detach(), n_cols, head_cap, S, causal, key_valid)  # (B, H, T, w)
+        build = kernels.sparse_index if probs.is_cuda else sparse_index_ref  # Triton on GPU, same result
+        idx = build(probs.detach(), n_cols, head_cap, S, causal, key_valid)  # (B, H, T, w)
     sparse = sparse_attention(q, k, v, idx, scale)  # (B, H, T, D)
     if cfg.mix:
         avg = average_context(v, probs, key_valid, causal, H)

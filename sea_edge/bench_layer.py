@@ -1,0 +1,145 @@
+"""Benchmark of one whole SEA attention layer (Performer estimate + decoder CNN + mask + sparse attention) against
+dense SDPA with the flash backend, on the GPU. A program that prints a table and writes JSON and a PNG; never a test.
+
+    python -m sea_edge.bench_layer --out bench-out [--T 4096 16384 65536] [--k 64 512]
+
+The estimator has its initial weights: its cost does not depend on what it learned. Shapes follow the kernels
+benchmark: B = 1, fp16, D = 64, H = 12 (and SmolLM2's 9 query / 3 key-value heads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from .attention import sea_attention
+from .config import SEAConfig
+from .estimator import SEAEstimator
+
+__all__ = ["bench_layer", "main"]
+
+
+def _time_ms(fn, warmup=3, rep=10) -> float:
+    """Median of CUDA-event timings after warm-up (synchronised)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _peak_mib(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, dtype=torch.float16) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = "cuda"
+    cfg = SEAConfig(k=k).resolve(causal=causal, head_dim=D)
+    est = SEAEstimator(cfg, D, H, max_positions=max(T, 8192)).to(dev)
+    g = torch.Generator(device=dev).manual_seed(T + k)
+    q = torch.randn(1, H, T, D, device=dev, dtype=dtype, generator=g)
+    kk = torch.randn(1, Hkv, T, D, device=dev, dtype=dtype, generator=g)
+    v = torch.randn(1, Hkv, T, D, device=dev, dtype=dtype, generator=g)
+    scale = D**-0.5
+
+    @torch.no_grad()
+    def sea():
+        return sea_attention(est, q, kk, v, scale)[0]
+
+    @torch.no_grad()
+    def flash():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, kk, v, is_causal=causal, scale=scale,
+                                                                    enable_gqa=H != Hkv)
+
+    row = {"T": T, "k": k, "H": H, "Hkv": Hkv, "causal": causal, "dtype": str(dtype).replace("torch.", "")}
+    row["sea_ms"] = _time_ms(sea)
+    row["sea_peak_mib"] = _peak_mib(sea)
+    row["flash_ms"] = _time_ms(flash)
+    row["flash_peak_mib"] = _peak_mib(flash)
+    row["speedup"] = row["flash_ms"] / row["sea_ms"]
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", type=int, nargs="+", default=[4096, 16384, 65536])
+    ap.add_argument("--k", type=int, nargs="+", default=[64])
+    ap.add_argument("--heads", default="12/12,9/3", help="query/kv head pairs, comma separated")
+    ap.add_argument("--out", type=Path, default=Path("bench-layer"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_layer needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    heads = [tuple(int(x) for x in p.split("/")) for p in args.heads.split(",")]
+    rows = []
+    for H, Hkv in heads:
+        for causal in (False, True):
+            for k in args.k:
+                for T in args.T:
+                    rows.append(bench_layer(T, k, H, Hkv, causal))
+                    r = rows[-1]
+                    print(f"H{H}/{Hkv} {'causal' if causal else 'bidir '} k={k:<5} T={T:<6} SEA {r['sea_ms']:8.2f} ms "
+                          f"{r['sea_peak_mib']:8.0f} MiB | flash {r['flash_ms']:8.2f} ms {r['flash_peak_mib']:8.0f} MiB"
+                          f" | speedup {r['speedup']:5.2f}x", flush=True)
+                    torch.cuda.empty_cache()
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_layer.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    _plot(rows, args.out / "bench_layer.png", meta)
+    print(f"\n{meta}")
+    print(f"{'heads':>6} {'mode':>6} {'k':>5} {'T':>6} {'SEA ms':>8} {'flash ms':>9} {'speedup':>8} {'SEA MiB':>8} {'flash MiB':>9}")
+    for r in rows:
+        print(f"{r['H']}/{r['Hkv']:<3} {'causal' if r['causal'] else 'bidir':>6} {r['k']:>5} {r['T']:>6} "
+              f"{r['sea_ms']:8.2f} {r['flash_ms']:9.2f} {r['speedup']:7.2f}x {r['sea_peak_mib']:8.0f} "
+              f"{r['flash_peak_mib']:9.0f}")
+    return 0
+
+
+def _plot(rows, path, meta):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, ax, label in (("ms", axes[0], "time (ms)"), ("peak_mib", axes[1], "peak memory (MiB)")):
+        groups = sorted({(r["H"], r["Hkv"], r["causal"], r["k"]) for r in rows})
+        for H, Hkv, causal, k in groups:
+            sel = [r for r in rows if (r["H"], r["Hkv"], r["causal"], r["k"]) == (H, Hkv, causal, k)]
+            name = f"H{H}/{Hkv} {'causal' if causal else 'bidir'}"
+            ax.plot([r["T"] for r in sel], [r[f"sea_{key}"] for r in sel], "o-", label=f"SEA k={k} {name}")
+            ax.plot([r["T"] for r in sel], [r[f"flash_{key}"] for r in sel], "x--", label=f"SDPA flash {name}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"SEA layer vs SDPA flash, B=1 D=64 fp16, {meta['gpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
