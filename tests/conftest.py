@@ -1,0 +1,24 @@
+"""Shared fixtures: the real teachers, loaded once per test session (the default teacher takes ~20 s on 2 cores).
+
+Every test sees the same objects: a test that patches or changes a model must put it back before it finishes
+(e.g. `to_dense` in a fixture's teardown)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the default teacher, SmolLM2-135M-Instruct, fp32, eval mode, eager attention."""
+    from sea_edge.teacher import DEFAULT_TEACHER, load_teacher
+
+    return load_teacher(DEFAULT_TEACHER)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """(model, tokenizer) of all-MiniLM-L6-v2, the bidirectional (BERT encoder) teacher."""
+    from sea_edge.teacher import load_teacher
+
+    return load_teacher("minilm-l6")
