@@ -18,6 +18,7 @@ missing (Windows) psutil's current RSS is reported instead.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -52,8 +53,6 @@ def peak_rss_mib() -> float:
         import psutil
 
         return psutil.Process().memory_info().rss / 2**20
-    import sys
-
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 2**10  # macOS: bytes, Linux: KiB
 
@@ -146,7 +145,7 @@ class _progress_bar:
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            console=Console(stderr=True),
+            console=Console(file=sys.stderr),
             transient=False,
         )
         self._progress.__enter__()
@@ -198,7 +197,8 @@ def evaluate(config: EvalConfig, progress: bool = False) -> EvalReport:
     if progress:
         from rich.console import Console
 
-        status = Console(stderr=True).status(f"loading {config.model} ...")
+        # bound to the real stderr now: load_teacher swallows sys.stderr while transformers prints its own bars
+        status = Console(file=sys.stderr).status(f"loading {config.model} ...")
     start = time.perf_counter()
     with status:
         model, tokenizer = load_teacher(config.model)
