@@ -30,7 +30,7 @@ import triton.language as tl
 __all__ = ["sparse_attention_plan", "sparse_attention_triton", "sparse_attention_triton_bwd", "SparsePlan"]
 
 BLOCK_N = 64  # keys per block: the per-(row, block) mask is one int64
-_INF = 2**31 - 1
+_INF = tl.constexpr(2**31 - 1)  # "no more keys" sentinel (a constexpr: jit code reads globals only so)
 
 
 @triton.jit
@@ -63,9 +63,13 @@ def _sparse_attention_plan_kernel(
         ok = u < cap
         tl.store(blk_ptr + base + u, n0 // BN, mask=ok)
         tl.store(bits_ptr + (base + u) * BM + tl.arange(0, BM), bits, mask=(u + tl.zeros([BM], tl.int32)) < cap)
-        p += tl.sum(inb.to(tl.int32), 1)
-        nxt = tl.load(row_ptr + p, mask=rmask & (p < W), other=-1)
-        cur = tl.where(nxt < 0, _INF, nxt)
+        cnt = tl.sum(inb.to(tl.int32), 1)
+        p += cnt
+        # the row's next key is usually already in the window (the first entry past the block): no second
+        # dependent load on the loop's critical path; only a row whose window was all in-block reloads
+        past = tl.min(tl.where(vals >= n0 + BN, vals, _INF), 1)
+        nxt = tl.load(row_ptr + p, mask=rmask & (p < W) & (cnt == BN), other=-1)
+        cur = tl.where(cnt == BN, tl.where(nxt < 0, _INF, nxt), past)
         lo = tl.min(cur, 0)
         u += 1
     tl.store(cnt_ptr + bh * n_tiles + tile, u)
