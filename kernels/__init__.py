@@ -30,16 +30,16 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "column_spans",
+    "expand_columns",
+    "expand_columns_ref",
+    "select_columns",
+    "select_columns_ref",
     "sparse_attention",
+    "sparse_attention_plan",
+    "sparse_attention_ref",
     "sparse_attention_triton",
     "sparse_attention_triton_bwd",
-    "sparse_attention_plan",
-    "select_columns",
-    "expand_columns",
     "sparse_index",
-    "sparse_attention_ref",
-    "select_columns_ref",
-    "expand_columns_ref",
     "sparse_index_ref",
-    "column_spans",
 ]

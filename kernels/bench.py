@@ -26,7 +26,7 @@ import torch
 
 from .reference import sparse_attention_ref, sparse_index_ref
 
-__all__ = ["main", "bench_masks"]
+__all__ = ["bench_masks", "main"]
 
 # Per-row noise on the compressed logits. 0.5 (first H100 run) made neighbouring rows pick mostly different columns
 # (64-row tiles computed 5.5x the kept scores at T = 64k, k = 2048), unlike SEA's CNN-smoothed estimate where
@@ -141,7 +141,7 @@ def run_config(B, Hq, Hkv, T, k, causal, D, dtype, device, args, flex_fn, cache)
         def op(q_, k_, v_, i_, s_):
             return sparse_attention_triton(q_, k_, v_, i_, s_)
 
-    ours = lambda: op(q, kk, vv, idx, scale)  # noqa: E731  the op as SEA calls it: plan + forward
+    ours = lambda: op(q, kk, vv, idx, scale)
     row["ours_ms"] = _time_ms(ours, cuda)
     row["ours_tflops"] = flops / row["ours_ms"] / 1e9
     row["ours_gbs"] = nbytes / row["ours_ms"] / 1e6
@@ -151,7 +151,6 @@ def run_config(B, Hq, Hkv, T, k, causal, D, dtype, device, args, flex_fn, cache)
         row[f"plan{bm}_ms"] = _time_ms(lambda: sparse_attention_plan(idx, S, block_m=bm), cuda)  # noqa: B023
         row[f"kernel{bm}_ms"] = _time_ms(lambda: sparse_attention_triton(q, kk, vv, idx, scale, plan=plan), cuda)  # noqa: B023
         row[f"work{bm}_over_k"] = plan.blocks * 64 * bm / (B * Hq * T) / k  # scores computed / scores kept
-        del plan
 
     # dense SDPA, flash backend (independent of k: measured once per shape)
     key = ("sdpa", B, Hq, Hkv, T, causal)
@@ -161,7 +160,7 @@ def run_config(B, Hq, Hkv, T, k, causal, D, dtype, device, args, flex_fn, cache)
 
             ke, ve = (x.repeat_interleave(Hq // Hkv, 1) for x in (kk, vv))
             backend = SDPBackend.FLASH_ATTENTION if cuda else SDPBackend.MATH
-            f = lambda: torch.nn.functional.scaled_dot_product_attention(q, ke, ve, is_causal=causal)  # noqa: E731
+            f = lambda: torch.nn.functional.scaled_dot_product_attention(q, ke, ve, is_causal=causal)
             with sdpa_kernel(backend):
                 cache[key] = _time_ms(f, cuda) if (cuda or T <= 1024) else float("nan")
             del ke, ve
@@ -175,13 +174,13 @@ def run_config(B, Hq, Hkv, T, k, causal, D, dtype, device, args, flex_fn, cache)
         for kf in dict.fromkeys((k, max(k, 128))):  # k < 128: 64-key blocks if Flex takes them, else 128 keys
             try:
                 bm_ = flex_block_mask(B, Hq, T, S, kf, causal, device)
-                f = lambda: flex_fn(q, kk, vv, block_mask=bm_, scale=scale, enable_gqa=Hq != Hkv)  # noqa: E731,B023
+                f = lambda: flex_fn(q, kk, vv, block_mask=bm_, scale=scale, enable_gqa=Hq != Hkv)  # noqa: B023
                 row["flex_ms"] = _time_ms(f, cuda)
                 row["flex_keys_per_row"] = kf
                 break
             except Exception as e:  # noqa: BLE001
                 row["flex_error"] = repr(e)[:300]
-    row["ours_over_flex"] = row["ours_ms"] / row["flex_ms"] if row["flex_ms"] == row["flex_ms"] else float("nan")
+    row["ours_over_flex"] = row["ours_ms"] / row["flex_ms"] if not math.isnan(row["flex_ms"]) else float("nan")
 
     # the torch reference: only where its gathered (chunk x w x D) fp32 blocks stay small and time stays sane
     if T * k <= args.ref_max:
@@ -189,9 +188,6 @@ def run_config(B, Hq, Hkv, T, k, causal, D, dtype, device, args, flex_fn, cache)
     else:
         row["ref_ms"] = float("nan")
         row["ref_skipped"] = f"T*k = {T * k} > {args.ref_max}"
-    del q, kk, vv, idx
-    if cuda:
-        torch.cuda.empty_cache()
     return row
 
 
@@ -206,7 +202,7 @@ def format_table(rows):
         if isinstance(v, bool):
             return "yes" if v else "no"
         if isinstance(v, float):
-            return "-" if v != v else (f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}")
+            return "-" if math.isnan(v) else (f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}")
         return str(v)
 
     table = [[h for _, h in COLS]] + [[cell(r.get(c, float("nan"))) for c, _ in COLS] for r in rows]
@@ -297,6 +293,8 @@ def main(argv=None):
                         r = dict(Hq=hq, Hkv=hkv, T=T, k=k, causal=causal, error=f"OOM {e!r}"[:200])
                         torch.cuda.empty_cache()
                     rows.append(r)
+                    if cuda:
+                        torch.cuda.empty_cache()  # the config's tensors died with run_config
                     print(json.dumps(r), flush=True)
                     tmp = out / "bench.json.tmp"
                     tmp.write_text(json.dumps(dict(info=info, rows=rows), indent=1))

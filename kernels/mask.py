@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["select_columns", "expand_columns", "sparse_index"]
+__all__ = ["expand_columns", "select_columns", "sparse_index"]
 
 
 @triton.jit

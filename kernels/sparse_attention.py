@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["sparse_attention_plan", "sparse_attention_triton", "sparse_attention_triton_bwd", "SparsePlan"]
+__all__ = ["SparsePlan", "sparse_attention_plan", "sparse_attention_triton", "sparse_attention_triton_bwd"]
 
 BLOCK_N = 64  # keys per block: the per-(row, block) mask is one int64
 _INF = tl.constexpr(2**31 - 1)  # "no more keys" sentinel (a constexpr: jit code reads globals only so)
@@ -143,7 +143,7 @@ def _sparse_attention_fwd_kernel(
     acc = tl.zeros([BM, BLOCK_D], tl.float32)
     n_u = tl.load(cnt_ptr + bh * n_tiles + tile)
     base = (bh.to(tl.int64) * n_tiles + tile) * cap
-    for u in range(0, n_u):
+    for u in range(n_u):
         nb = tl.load(blk_ptr + base + u)
         keys = nb * BN + nb_cols  # (BN,)
         kmask = keys < S
@@ -194,7 +194,7 @@ def _sparse_attention_bwd_kernel(
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
     n_u = tl.load(cnt_ptr + bh * n_tiles + tile)
     base = (bh.to(tl.int64) * n_tiles + tile) * cap
-    for u in range(0, n_u):
+    for u in range(n_u):
         nb = tl.load(blk_ptr + base + u)
         keys = nb * BN + nb_cols
         kmask = keys < S

@@ -12,8 +12,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from sea_edge.kernels import expand_columns_ref, select_columns_ref, sparse_index_ref  # noqa: E402
-from sea_edge.kernels.mask import expand_columns, select_columns, sparse_index  # noqa: E402
+from sea_edge.kernels import expand_columns_ref, select_columns_ref, sparse_index_ref
+from sea_edge.kernels.mask import expand_columns, select_columns, sparse_index
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

@@ -16,9 +16,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernels module is imported
 pytest.importorskip("triton")
 
-from sea_edge.kernels import sparse_attention, sparse_attention_ref, sparse_index_ref  # noqa: E402
-from sea_edge.kernels.sparse_attention import sparse_attention_triton, sparse_attention_triton_bwd  # noqa: E402
-from sea_edge.testing import assert_close_to_ref, assert_rel_err  # noqa: E402
+from sea_edge.kernels import sparse_attention, sparse_attention_ref, sparse_index_ref
+from sea_edge.kernels.sparse_attention import sparse_attention_triton, sparse_attention_triton_bwd
+
+from sea_edge.testing import assert_close_to_ref, assert_rel_err
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
