@@ -54,7 +54,7 @@ def test_minilm_is_bidirectional(minilm):
     assert (a[0, 1] - b[0, 1]).abs().max() > 1e-3  # the first word sees the last one
 
 
-def test_dtype(tmp_path):
+def test_dtype():
     model, _ = load_teacher("minilm-l6", dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
