@@ -30,49 +30,102 @@ import triton.language as tl
 __all__ = ["SparsePlan", "sparse_attention_plan", "sparse_attention_triton", "sparse_attention_triton_bwd"]
 
 BLOCK_N = 64  # keys per block: the per-(row, block) mask is one int64
-_INF = tl.constexpr(2**31 - 1)  # "no more keys" sentinel (a constexpr: jit code reads globals only so)
 
 
 @triton.jit
-def _sparse_attention_plan_kernel(
-    idx_ptr, blk_ptr, bits_ptr, cnt_ptr,
-    T, W, n_tiles, cap,
-    BM: tl.constexpr, BN: tl.constexpr,
+def _popcount32(x):
+    """Set bits of x (int64 holding a 32-bit value), SWAR (Hacker's Delight 5-1): triton has no popc that also
+    runs under the CPU interpreter."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24) & 0xFF
+
+
+@triton.jit
+def _plan_add_masks(map_ptr, pre_ptr, bits_ptr, tbase, n_words, cap, rowoff, b, val, on,
+                    BM: tl.constexpr, CH: tl.constexpr):
+    """bits[tile, slot of block b, row] += val where `on`; slot = prefix of b's bitmap word + set bits below b."""
+    b = tl.where(on, b, 0)
+    wrd = b // 32
+    word = tl.load(map_ptr + tbase * n_words + wrd, mask=on, other=0).to(tl.int64) & 0xFFFFFFFF
+    below = word & ((tl.full([BM, CH], 1, tl.int64) << (b % 32).to(tl.int64)) - 1)
+    slot = tl.load(pre_ptr + tbase * n_words + wrd, mask=on, other=0) + _popcount32(below)
+    tl.atomic_add(bits_ptr + (tbase * cap + slot) * BM + rowoff, val, mask=on & (slot < cap))
+
+
+@triton.jit
+def _sparse_attention_plan_scan_kernel(
+    idx_ptr, map_ptr, pre_ptr, bits_ptr,
+    T, W, n_tiles, n_words, cap,
+    BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr,
 ):
-    """One program per (tile of BM rows, b*Hq + h): merge the BM sorted idx rows block by block."""
+    """One program per (tile of BM rows, b*Hq + h), CH slots of all BM rows at a time; both plan passes.
+
+    A row is ascending, so the keys it keeps in one BN-key block are consecutive slots (a segment).
+    BITS = False: OR the bit of every segment's block into the tile's block bitmap (one atomic per segment, not
+    per key). BITS = True: add each segment's key mask into bits[tile, slot of its block, row]. The mask of a
+    segment is a difference of an in-chunk prefix sum of 1 << (key % BN): distinct keys give distinct bits, so
+    sums are ORs and the int64 wrap-around of the prefix sum cancels in the difference. A segment cut by the
+    chunk edge adds two partial masks: the atomic adds make that exact too.
+    """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     rows = tile * BM + tl.arange(0, BM)
     rmask = rows < T
-    row_ptr = idx_ptr + (bh.to(tl.int64) * T + rows) * W  # (BM,) start of each idx row
-    cols = tl.arange(0, BN)
-    p = tl.zeros([BM], dtype=tl.int32)  # per-row pointer: first entry not yet planned
-    cur = tl.load(row_ptr, mask=rmask, other=-1)  # the launcher never runs W == 0
-    cur = tl.where(cur < 0, _INF, cur)
-    lo = tl.min(cur, 0)
-    u = tl.full([], 0, tl.int32)
-    base = (bh.to(tl.int64) * n_tiles + tile) * cap
-    one = tl.full([BM, BN], 1, tl.int64)
-    while lo < _INF:
-        n0 = (lo // BN) * BN
-        offs = p[:, None] + cols[None, :]  # (BM, BN): the next BN entries of each row hold all its keys in block
-        vals = tl.load(row_ptr[:, None] + offs, mask=rmask[:, None] & (offs < W), other=-1)
-        inb = (vals >= n0) & (vals < n0 + BN)
-        # distinct keys -> distinct bits, so the sum is the OR (bit 63 wraps to the sign bit, still exact)
-        bits = tl.sum(tl.where(inb, one << tl.where(inb, vals - n0, 0).to(tl.int64), 0), 1)  # (BM,) int64
-        ok = u < cap
-        tl.store(blk_ptr + base + u, n0 // BN, mask=ok)
-        tl.store(bits_ptr + (base + u) * BM + tl.arange(0, BM), bits, mask=(u + tl.zeros([BM], tl.int32)) < cap)
-        cnt = tl.sum(inb.to(tl.int32), 1)
-        p += cnt
-        # the row's next key is usually already in the window (the first entry past the block): no second
-        # dependent load on the loop's critical path; only a row whose window was all in-block reloads
-        past = tl.min(tl.where(vals >= n0 + BN, vals, _INF), 1)
-        nxt = tl.load(row_ptr + p, mask=rmask & (p < W) & (cnt == BN), other=-1)
-        cur = tl.where(cnt == BN, tl.where(nxt < 0, _INF, nxt), past)
-        lo = tl.min(cur, 0)
-        u += 1
-    tl.store(cnt_ptr + bh * n_tiles + tile, u)
+    row_ptr = idx_ptr + (bh.to(tl.int64) * T + rows) * W  # (BM,)
+    tbase = bh.to(tl.int64) * n_tiles + tile
+    cols = tl.arange(0, CH)
+    for c0 in range(0, W, CH):
+        offs = c0 + cols[None, :]  # (1, CH)
+        key = tl.load(row_ptr[:, None] + offs, mask=rmask[:, None] & (offs < W), other=-1)  # (BM, CH)
+        nxt = tl.load(row_ptr[:, None] + offs + 1, mask=rmask[:, None] & (offs + 1 < W), other=-1)  # (BM, CH)
+        valid = key >= 0
+        blk = key // BN
+        blk_n = tl.where(nxt >= 0, nxt // BN, -1)
+        seg_end = valid & (blk_n != blk)  # last key of the row in this block
+        if BITS:
+            bit = tl.full([BM, CH], 1, tl.int64) << tl.where(valid, key % BN, 0).to(tl.int64)
+            bit = tl.where(valid, bit, 0)
+            cs = tl.cumsum(bit, 1)  # (BM, CH) int64, wraps
+            last = offs == c0 + CH - 1
+            add_end = valid & (seg_end | last)
+            sub_next = seg_end & (nxt >= 0) & ~last  # the next segment starts in this chunk: remove cs from it
+            rowoff = (rows - tile * BM)[:, None]  # (BM, 1)
+            _plan_add_masks(map_ptr, pre_ptr, bits_ptr, tbase, n_words, cap, rowoff, blk, cs, add_end, BM, CH)
+            _plan_add_masks(map_ptr, pre_ptr, bits_ptr, tbase, n_words, cap, rowoff, blk_n, -cs, sub_next, BM, CH)
+        else:
+            b = tl.where(seg_end, blk, 0)
+            tl.atomic_or(map_ptr + tbase * n_words + b // 32, (tl.full([BM, CH], 1, tl.int32) << (b % 32)),
+                         mask=seg_end)
+
+
+@triton.jit
+def _sparse_attention_plan_compact_kernel(
+    map_ptr, pre_ptr, blk_ptr, cnt_ptr,
+    n_tiles, n_words, n_kblocks, cap,
+    NW: tl.constexpr,
+):
+    """One program per (tile, b*Hq + h): the tile's block bitmap -> ascending block list, per-word prefix counts
+    (a block's slot = prefix of its word + set bits below it in the word) and the block count."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    tbase = bh.to(tl.int64) * n_tiles + tile
+    w = tl.arange(0, NW)
+    j = tl.arange(0, 32)
+    run = tl.full([], 0, tl.int32)
+    for w0 in range(0, n_words, NW):
+        wm = w0 + w < n_words
+        word = tl.load(map_ptr + tbase * n_words + w0 + w, mask=wm, other=0).to(tl.int64) & 0xFFFFFFFF  # (NW,)
+        pc = _popcount32(word).to(tl.int32)
+        incl = tl.cumsum(pc, 0)
+        tl.store(pre_ptr + tbase * n_words + w0 + w, run + incl - pc, mask=wm)
+        on = ((word[:, None] >> j[None, :].to(tl.int64)) & 1) != 0  # (NW, 32)
+        rank = tl.reshape(tl.cumsum(tl.reshape(on.to(tl.int32), [NW * 32]), 0), [NW, 32]) - on.to(tl.int32)
+        pos = run + rank
+        tl.store(blk_ptr + tbase * cap + pos, (w0 + w)[:, None] * 32 + j[None, :], mask=on & (pos < cap))
+        run += tl.sum(pc, 0)
+    tl.store(cnt_ptr + tbase, run)
 
 
 class SparsePlan:
@@ -88,26 +141,43 @@ class SparsePlan:
 
 
 def _sparse_attention_plan(idx: torch.Tensor, S: int, block_m: int) -> SparsePlan:
+    """Three data-parallel passes, no serial merge: (1) block bitmap per tile (atomic OR per row segment),
+    (2) bitmap -> block list + per-word prefix counts, (3) key masks per (tile, block slot, row) (atomic adds).
+    idx is read twice (passes 1 and 3): 2 x B*H*T*w*4 bytes, the floor of any plan that reads idx."""
     B, H, T, W = idx.shape
     n_tiles = triton.cdiv(T, block_m)
     n_kblocks = triton.cdiv(S, BLOCK_N)
-    # First guess of blocks per tile: SEA rows are runs, so the union is a few times w / BN; rerun if exceeded.
-    cap = max(1, min(n_kblocks, 4 * triton.cdiv(W, BLOCK_N) + 8))
+    n_words = triton.cdiv(n_kblocks, 32)
     cnt = torch.zeros(B * H, n_tiles, device=idx.device, dtype=torch.int32)
     if W == 0 or T == 0:  # no keys at all: every row outputs zeros
         return SparsePlan(cnt.new_zeros(B * H, n_tiles, 1), cnt.new_zeros(B * H, n_tiles, 1, block_m,
                           dtype=torch.int64), cnt, block_m, 1)
+    grid = (n_tiles, B * H)
+    ch = 64 if block_m <= 64 else 32  # (BM, CH) int64 tiles: keep registers at 64 x 64
+    bitmap = torch.zeros(B * H, n_tiles, n_words, device=idx.device, dtype=torch.int32)
+    prefix = torch.empty(B * H, n_tiles, n_words, device=idx.device, dtype=torch.int32)
+    _sparse_attention_plan_scan_kernel[grid](
+        idx_ptr=idx, map_ptr=bitmap, pre_ptr=prefix, bits_ptr=bitmap, T=T, W=W, n_tiles=n_tiles,
+        n_words=n_words, cap=1, BITS=False, BM=block_m, BN=BLOCK_N, CH=ch, num_warps=4,
+    )
+    # First guess of blocks per tile: SEA rows are runs, so the union is a few times w / BN; rerun if exceeded.
+    cap = max(1, min(n_kblocks, 4 * triton.cdiv(W, BLOCK_N) + 8))
+    nw = min(32, triton.next_power_of_2(n_words))
     for _ in range(2):
         blk = torch.empty(B * H, n_tiles, cap, device=idx.device, dtype=torch.int32)
-        bits = torch.empty(B * H, n_tiles, cap, block_m, device=idx.device, dtype=torch.int64)
-        _sparse_attention_plan_kernel[(n_tiles, B * H)](
-            idx_ptr=idx, blk_ptr=blk, bits_ptr=bits, cnt_ptr=cnt, T=T, W=W, n_tiles=n_tiles, cap=cap,
-            BM=block_m, BN=BLOCK_N, num_warps=4,
+        _sparse_attention_plan_compact_kernel[grid](
+            map_ptr=bitmap, pre_ptr=prefix, blk_ptr=blk, cnt_ptr=cnt, n_tiles=n_tiles, n_words=n_words,
+            n_kblocks=n_kblocks, cap=cap, NW=nw, num_warps=4,
         )
-        need = int(cnt.max()) if cnt.numel() else 0
+        need = int(cnt.max())  # the one host sync of a call
         if need <= cap:
             break
         cap = need
+    bits = torch.zeros(B * H, n_tiles, cap, block_m, device=idx.device, dtype=torch.int64)
+    _sparse_attention_plan_scan_kernel[grid](
+        idx_ptr=idx, map_ptr=bitmap, pre_ptr=prefix, bits_ptr=bits, T=T, W=W, n_tiles=n_tiles,
+        n_words=n_words, cap=cap, BITS=True, BM=block_m, BN=BLOCK_N, CH=ch, num_warps=4,
+    )
     return SparsePlan(blk, bits, cnt, block_m, cap)
 
 

@@ -135,6 +135,47 @@ def test_block_m_and_plan_reuse():
         assert_rel_err(sparse_attention_triton(q, k, v, idx, 0.2, plan=plan), ref, 1e-5, what=f"block_m={bm}")
 
 
+def plan_brute_force(idx, block_m, bn=64):
+    """The plan by definition: per (b*h, tile) the sorted union of key blocks and, per (block, row), the int64 mask
+    of kept keys (bit 63 as the sign bit)."""
+    B, H, T, W = idx.shape
+    rows_all = idx.reshape(B * H, T, W).cpu()
+    out = {}
+    for bh in range(B * H):
+        for t in range((T + block_m - 1) // block_m):
+            rows = rows_all[bh, t * block_m:(t + 1) * block_m].long()
+            blks = sorted(set((rows[rows >= 0] // bn).tolist()))
+            bits = torch.zeros(len(blks), block_m, dtype=torch.int64)
+            for r in range(rows.shape[0]):
+                for key in rows[r][rows[r] >= 0].tolist():
+                    b = key % bn
+                    bits[blks.index(key // bn), r] |= (1 << b) if b < 63 else -(1 << 63)
+            out[bh, t] = (blks, bits)
+    return out
+
+
+# (B, H, T, S, w, block_m, density): bit 63 set, rows over several slot chunks, a first block-count guess too small
+PLAN_CASES = [(1, 2, 63, 300, 40, 16, 0.1), (2, 1, 100, 700, 200, 32, 0.2), (1, 1, 70, 200, 130, 64, 0.9),
+              (1, 2, 130, 129, 150, 128, 0.9), (1, 1, 5, 3000, 3000, 16, 0.3), (1, 1, 40, 3000, 10, 32, 0.005)]
+
+
+@pytest.mark.parametrize("case", PLAN_CASES, ids=lambda c: "B{}-H{}-T{}-S{}-w{}-bm{}-d{}".format(*c))
+def test_plan_matches_brute_force(case):
+    from sea_edge.kernels.sparse_attention import sparse_attention_plan
+
+    B, H, T, S, w, bm, density = case
+    g = torch.Generator(DEV).manual_seed(11)
+    keys = torch.where(torch.rand(B, H, T, S, generator=g, device=DEV) < density, torch.arange(S, device=DEV), S)
+    keys = torch.sort(keys, dim=-1).values[..., :w]
+    keys = torch.cat([keys, keys.new_full((B, H, T, max(0, w - keys.shape[-1])), S)], -1)
+    idx = torch.where(keys >= S, -1, keys).to(torch.int32)
+    plan = sparse_attention_plan(idx, S, block_m=bm)
+    for (bh, t), (blks, bits) in plan_brute_force(idx, bm).items():
+        n = int(plan.cnt[bh, t])
+        assert plan.blk[bh, t, :n].tolist() == blks, f"blocks of tile {t}, head {bh}"
+        assert torch.equal(plan.bits[bh, t, :n, :bits.shape[1]].cpu(), bits), f"masks of tile {t}, head {bh}"
+
+
 def test_op_cpu_is_reference_and_fake():
     g = torch.Generator("cpu").manual_seed(3)
     q = torch.randn(1, 2, 5, 8, generator=g, requires_grad=True)
