@@ -242,6 +242,36 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def sweep(device, out):
+    """Launch settings of the plan and forward kernels at a few shapes (12/12 heads, D = 64, fp16): plan64 and
+    kernel64 ms per setting; prints a table and writes sweep.json."""
+    from . import sparse_attention as sa
+
+    default = dict(sa._CFG)
+    shapes = [(65536, 64, False), (65536, 2048, False), (16384, 512, True)]
+    settings = [{"fwd_warps": w, "fwd_stages": st} for w in (4, 8) for st in (2, 3, 4)]
+    settings += [{"plan_ch": ch, "plan_warps": w} for ch in (32, 64, 128) for w in (4, 8)]
+    rows = []
+    for T, k, causal in shapes:
+        g = torch.Generator(device).manual_seed(T + k)
+        q = torch.randn(1, 12, T, 64, generator=g, device=device).half()
+        kk = torch.randn(1, 12, T, 64, generator=g, device=device).half()
+        vv = torch.randn(1, 12, T, 64, generator=g, device=device).half()
+        idx, _ = bench_masks(1, 12, T, T, k, causal, device)
+        for st in settings:
+            sa._CFG.update(default)
+            sa._CFG.update(st)
+            plan = sa.sparse_attention_plan(idx, T)
+            r = dict(T=T, k=k, causal=causal, **st)
+            r["plan_ms"] = _time_ms(lambda: sa.sparse_attention_plan(idx, T), True)  # noqa: B023
+            r["kernel_ms"] = _time_ms(lambda: sa.sparse_attention_triton(q, kk, vv, idx, 0.125, plan=plan), True)  # noqa: B023
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    sa._CFG.update(default)
+    (Path(out) / "sweep.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.png")
@@ -250,6 +280,7 @@ def main(argv=None):
     ap.add_argument("--k", type=int, nargs="*", default=None)
     ap.add_argument("--heads", default=None, help="comma list of Hq/Hkv, e.g. 12/12,9/3")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="GPU: time launch settings of plan and kernel, then exit")
     ap.add_argument("--ref-max", type=int, default=4096 * 2048, help="largest T*k at which the reference runs")
     args = ap.parse_args(argv)
 
@@ -282,6 +313,8 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        return sweep(device, out)
     rows, cache = [], {}
     for hq, hkv in heads:
         for T in Ts:

@@ -30,6 +30,8 @@ import triton.language as tl
 __all__ = ["SparsePlan", "sparse_attention_plan", "sparse_attention_triton", "sparse_attention_triton_bwd"]
 
 BLOCK_N = 64  # keys per block: the per-(row, block) mask is one int64
+# Launch settings the bench's --sweep varies (None: the defaults below); not a public interface.
+_CFG = {"fwd_warps": None, "fwd_stages": 3, "plan_ch": None, "plan_warps": 4}
 
 
 @triton.jit
@@ -153,12 +155,12 @@ def _sparse_attention_plan(idx: torch.Tensor, S: int, block_m: int) -> SparsePla
         return SparsePlan(cnt.new_zeros(B * H, n_tiles, 1), cnt.new_zeros(B * H, n_tiles, 1, block_m,
                           dtype=torch.int64), cnt, block_m, 1)
     grid = (n_tiles, B * H)
-    ch = 64 if block_m <= 64 else 32  # (BM, CH) int64 tiles: keep registers at 64 x 64
+    ch = _CFG["plan_ch"] or (64 if block_m <= 64 else 32)  # (BM, CH) int64 tiles: registers at 64 x 64
     bitmap = torch.zeros(B * H, n_tiles, n_words, device=idx.device, dtype=torch.int32)
     prefix = torch.empty(B * H, n_tiles, n_words, device=idx.device, dtype=torch.int32)
     _sparse_attention_plan_scan_kernel[grid](
         idx_ptr=idx, map_ptr=bitmap, pre_ptr=prefix, bits_ptr=bitmap, T=T, W=W, n_tiles=n_tiles,
-        n_words=n_words, cap=1, BITS=False, BM=block_m, BN=BLOCK_N, CH=ch, num_warps=4,
+        n_words=n_words, cap=1, BITS=False, BM=block_m, BN=BLOCK_N, CH=ch, num_warps=_CFG["plan_warps"],
     )
     # First guess of blocks per tile: SEA rows are runs, so the union is a few times w / BN; rerun if exceeded.
     cap = max(1, min(n_kblocks, 4 * triton.cdiv(W, BLOCK_N) + 8))
@@ -176,7 +178,7 @@ def _sparse_attention_plan(idx: torch.Tensor, S: int, block_m: int) -> SparsePla
     bits = torch.zeros(B * H, n_tiles, cap, block_m, device=idx.device, dtype=torch.int64)
     _sparse_attention_plan_scan_kernel[grid](
         idx_ptr=idx, map_ptr=bitmap, pre_ptr=prefix, bits_ptr=bits, T=T, W=W, n_tiles=n_tiles,
-        n_words=n_words, cap=cap, BITS=True, BM=block_m, BN=BLOCK_N, CH=ch, num_warps=4,
+        n_words=n_words, cap=cap, BITS=True, BM=block_m, BN=BLOCK_N, CH=ch, num_warps=_CFG["plan_warps"],
     )
     return SparsePlan(blk, bits, cnt, block_m, cap)
 
@@ -322,7 +324,8 @@ def _sparse_attention_fwd(q, k, v, plan: SparsePlan, scale: float):
     _sparse_attention_fwd_kernel[(n_tiles, B * Hq)](
         q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse, blk_ptr=plan.blk, bits_ptr=plan.bits, cnt_ptr=plan.cnt,
         qk_scale=scale * math.log2(math.e), T=T, S=S, Hq=Hq, group=Hq // Hkv, n_tiles=n_tiles, cap=plan.cap,
-        D=D, BLOCK_D=block_d, BM=plan.block_m, BN=BLOCK_N, PREC=prec, num_warps=num_warps, num_stages=3,
+        D=D, BLOCK_D=block_d, BM=plan.block_m, BN=BLOCK_N, PREC=prec, num_warps=_CFG["fwd_warps"] or num_warps,
+        num_stages=_CFG["fwd_stages"],
     )
     return out, lse
 
