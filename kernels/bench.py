@@ -248,9 +248,9 @@ def sweep(device, out):
     from . import sparse_attention as sa
 
     default = dict(sa._CFG)
-    shapes = [(65536, 64, False), (65536, 2048, False), (16384, 512, True)]
+    shapes = [(65536, 64, False), (65536, 2048, False)]
     settings = [{"fwd_warps": w, "fwd_stages": st} for w in (4, 8) for st in (2, 3, 4)]
-    settings += [{"plan_ch": ch, "plan_warps": w} for ch in (32, 64, 128) for w in (4, 8)]
+    settings += [{"plan_ch": ch, "plan_warps": w} for ch in (32, 64, 128) for w in (4,)]
     rows = []
     for T, k, causal in shapes:
         g = torch.Generator(device).manual_seed(T + k)
