@@ -29,6 +29,11 @@ class SEAState:
     idx: torch.Tensor  # (B, H, T, w) kept key indices
     sparse: torch.Tensor  # (B, H, T, D) sparse context
     output: torch.Tensor  # (B, H, T, D) mixed output
+    q: torch.Tensor  # (B, H, T, D) the layer's inputs, for the teacher's own attention (distillation targets)
+    k: torch.Tensor  # (B, Hkv, S, D)
+    v: torch.Tensor  # (B, Hkv, S, D)
+    scale: float
+    key_valid: torch.Tensor | None  # (B, S) bool
 
 
 def selectable_columns(T: int, S: int, K: int, causal: bool, device, key_valid=None) -> torch.Tensor:
@@ -98,5 +103,5 @@ def sea_attention(
     else:
         out = sparse.float()
     out = out.to(q.dtype)
-    state = SEAState(est, idx, sparse, out) if record else None
+    state = SEAState(est, idx, sparse, out, q, k, v, scale, key_valid) if record else None
     return out, state

@@ -33,7 +33,7 @@ class SEAConfig:
     causal: bool | None = None
     """None = take it from the teacher (decoder LM: causal, encoder: bidirectional)."""
     seed: int = 0
-    """Seed of the Performer's random projection (the initial value; the projection then trains)."""
+    """Seed of every estimator's initial weights (Performer projection included): same config, same model."""
 
     def __post_init__(self):
         if self.k < 1:

@@ -37,16 +37,16 @@ class EstimatorOutput:
         self.features = features  # (B, H, T, 2D) encoder features
 
 
-def _orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> torch.Tensor:
+def _orthogonal_gaussian(m: int, d: int) -> torch.Tensor:
     """FAVOR+ projection: blocks of orthogonal rows rescaled to chi-distributed norms (Performer, sec. 2.4)."""
     blocks, left = [], m
     while left > 0:
-        g = torch.randn(d, d, generator=generator)
+        g = torch.randn(d, d)
         q, _ = torch.linalg.qr(g)
         blocks.append(q.T[: min(d, left)])
         left -= d
     w = torch.cat(blocks)  # (m, d), orthonormal rows
-    norms = torch.randn(m, d, generator=generator).norm(dim=1, keepdim=True)
+    norms = torch.randn(m, d).norm(dim=1, keepdim=True)
     return w * norms
 
 
@@ -59,8 +59,7 @@ class SEAEstimator(nn.Module):
         self.cfg, self.D, self.K, self.m, self.C = cfg, D, K, m, C
         self.causal = cfg.causal
         self.max_positions = max_positions
-        gen = torch.Generator().manual_seed(cfg.seed)
-        self.proj = nn.Parameter(_orthogonal_gaussian(m, D, gen))  # (m, D) Performer projection, trainable
+        self.proj = nn.Parameter(_orthogonal_gaussian(m, D))  # (m, D) Performer projection, trainable
         width = 2 * D  # encoder feature width (SEA.md step 2)
         self.in_norm = nn.LayerNorm(2 * D + K)
         self.encoder = nn.Sequential(nn.Linear(2 * D + K, width), nn.GELU(), nn.Linear(width, width))

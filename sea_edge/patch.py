@@ -103,10 +103,17 @@ def is_sea(model: nn.Module) -> bool:
 def to_sea(model: nn.Module, config: SEAConfig | None = None) -> nn.Module:
     """Replace every attention layer of `model` (in place) by SEA attention built on the teacher's own q, k, v.
 
-    The estimators start from their initial weights (load distilled ones with `sea_edge.distill` tools).
-    Returns the model. Raises SeaEdgeError for a model family SEA does not know.
+    The estimators start from initial weights drawn from `config.seed` alone (the global RNG is left untouched),
+    so the same config always gives the same untrained model. Load distilled weights with
+    `sea_edge.estimator_io.apply_estimator`. Returns the model; SeaEdgeError for a model family SEA does not know.
     """
     config = config or SEAConfig()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return _to_sea(model, config)
+
+
+def _to_sea(model: nn.Module, config: SEAConfig) -> nn.Module:
     if is_sea(model):
         raise SeaEdgeError("model is already in SEA mode (call sea_edge.to_dense first)")
     mcfg = getattr(model, "config", None)

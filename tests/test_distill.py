@@ -1,0 +1,146 @@
+"""Distillation on CPU: the loss falls, a SIGKILLed run resumes bit for bit, bad checkpoints are refused.
+
+To keep CI fast these tests distill a two-layer cut of the real SmolLM2 teacher (its first two decoder layers, real
+weights, real tokenizer, real text) instead of all thirty; the training code does not know the difference.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sea_edge.distill import DistillConfig, distill_model
+from sea_edge.errors import SeaEdgeError
+from sea_edge.estimator_io import apply_estimator, estimator_state, save_estimator
+from sea_edge.patch import to_dense, to_sea
+
+pytestmark = pytest.mark.slow
+
+CFG = dict(steps=6, seq_len=64, batch=2, checkpoint_every=2, max_windows=32, warmup=1, lr=3e-3,
+           sea={"k": 8, "compressed_width": 32})
+
+
+def cut(model, n_layers=2):
+    """A copy of `model` keeping its first `n_layers` decoder layers."""
+    small = copy.deepcopy(model)
+    small.model.layers = torch.nn.ModuleList(list(small.model.layers)[:n_layers])
+    small.config.num_hidden_layers = n_layers
+    return small
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2):
+    model, tok = smollm2
+    return cut(model), tok
+
+
+def test_loss_falls(tiny, tmp_path):
+    model, tok = tiny
+    to_dense(model)
+    r = distill_model(copy.deepcopy(model), tok, tmp_path / "run", DistillConfig(**{**CFG, "steps": 8}),
+                      teacher="smollm2-cut", progress=False)
+    losses = [h["loss"] for h in r.history]
+    assert len(losses) == 8 and all(map(lambda x: x == x, losses))
+    assert sum(losses[-2:]) / 2 < 0.9 * losses[0], losses
+    assert (tmp_path / "run" / "estimator.safetensors").exists() and (tmp_path / "run" / "latest.json").exists()
+
+
+_CHILD = textwrap.dedent("""
+    import sys, time, torch
+    sys.path.insert(0, {testdir!r})
+    import sea_edge.distill as d
+    from sea_edge.teacher import load_teacher
+    from test_distill import CFG, cut
+    model, tok = load_teacher("smollm2-135m")
+    real = d._checkpoint
+    def slow_checkpoint(*args, **kwargs):
+        real(*args, **kwargs)
+        print("checkpoint", args[4], flush=True)
+        time.sleep(600)  # the parent kills us here, right after the first checkpoint, mid-run
+    d._checkpoint = slow_checkpoint
+    d.distill_model(cut(model), tok, {out!r}, d.DistillConfig(**CFG), teacher="smollm2-cut", progress=False)
+""")
+
+
+def test_resume_after_sigkill_is_bit_exact(tiny, tmp_path):
+    model, tok = tiny
+    to_dense(model)
+    killed = tmp_path / "killed"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD.format(testdir=str(Path(__file__).parent),
+                                                                  out=str(killed))],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        line = ""
+        while time.time() < deadline and "checkpoint" not in line:
+            line = child.stdout.readline()
+            if not line and child.poll() is not None:
+                break
+        assert "checkpoint 2" in line, f"child did not reach its first checkpoint: {line!r}"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert json.loads((killed / "latest.json").read_text())["step"] == 2
+    assert not (killed / "estimator.safetensors").exists()  # the killed run never finished
+
+    resumed = copy.deepcopy(model)
+    distill_model(resumed, tok, killed, DistillConfig(**CFG), teacher="smollm2-cut", resume=True, progress=False)
+    straight = copy.deepcopy(model)
+    distill_model(straight, tok, tmp_path / "straight", DistillConfig(**CFG), teacher="smollm2-cut", progress=False)
+    a, b = estimator_state(resumed), estimator_state(straight)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+def test_bad_checkpoints_and_outputs(tiny, tmp_path, minilm):
+    model, tok = tiny
+    to_dense(model)
+    with pytest.raises(SeaEdgeError, match="no checkpoint"):
+        distill_model(copy.deepcopy(model), tok, tmp_path / "none", DistillConfig(**CFG), teacher="x", resume=True,
+                      progress=False)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "something").write_text("x")
+    with pytest.raises(SeaEdgeError, match="not empty"):
+        distill_model(copy.deepcopy(model), tok, busy, DistillConfig(**CFG), teacher="x", progress=False)
+
+    # a checkpoint whose weights are corrupt
+    run = tmp_path / "run"
+    distill_model(copy.deepcopy(model), tok, run, DistillConfig(**{**CFG, "steps": 2}), teacher="x", progress=False)
+    ckpt = run / json.loads((run / "latest.json").read_text())["checkpoint"]
+    (ckpt / "estimator.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(SeaEdgeError, match="corrupt estimator weights"):
+        distill_model(copy.deepcopy(model), tok, run, DistillConfig(**{**CFG, "steps": 4}), teacher="x",
+                      resume=True, progress=False)
+    with pytest.raises(SeaEdgeError, match="made for teacher"):
+        distill_model(copy.deepcopy(model), tok, tmp_path / "run", DistillConfig(**CFG), teacher="other",
+                      resume=True, progress=False)
+
+    # an estimator made for another model is refused
+    est_dir = tmp_path / "est"
+    sea = copy.deepcopy(model)
+    to_sea(sea)
+    save_estimator(sea, est_dir)
+    enc, _ = minilm
+    with pytest.raises(SeaEdgeError, match="was made for"):
+        apply_estimator(enc, est_dir)
+    assert not hasattr(enc, "sea_config")
+
+
+def test_distill_config_validation():
+    with pytest.raises(SeaEdgeError, match="steps"):
+        DistillConfig(steps=0)
+    with pytest.raises(SeaEdgeError, match="unknown device"):
+        DistillConfig(device="tpu")
