@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 from enum import Enum
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -61,6 +62,11 @@ def main(
     """SEA attention (sparse linear attention with an estimated mask) for small devices."""
 
 
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 class Split(str, Enum):
     train = "train"
     validation = "validation"
@@ -78,14 +84,102 @@ def eval_(
     ] = None,
     split: Annotated[Split, typer.Option(help="Corpus split (Shakespeare's plays, split by play).")] = Split.validation,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
+    estimator: Annotated[
+        Optional[Path], typer.Option(help="SEA estimator folder (from `sea-edge distill`): evaluate SEA, not dense.")
+    ] = None,
+    k: Annotated[Optional[int], typer.Option(help="SEA budget: keys per query (default: the estimator's).")] = None,
+    quality: Annotated[
+        bool, typer.Option(help="With --estimator: the full report (per-layer KL and mass recall, perplexity of "
+                                "SEA vs teacher over T in --seq-lens and k in --ks), table + JSON + PNG.")
+    ] = False,
+    seq_lens: Annotated[str, typer.Option(help="--quality: context lengths, comma separated.")] = "1024,2048,4096",
+    ks: Annotated[str, typer.Option(help="--quality: budgets, comma separated.")] = "32,64,128,256",
+    report_dir: Annotated[Optional[Path], typer.Option(help="--quality: where to write quality.json/.png.")] = None,
+    device: Annotated[Device, typer.Option(help="Where the model runs.")] = Device.cpu,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
 ) -> None:
-    """Perplexity of a model on the corpus, with tokens/s and peak memory."""
+    """Perplexity of a model (dense teacher, or SEA with --estimator) on the corpus, with tokens/s and peak memory."""
     from sea_edge.evaluation import EvalConfig, evaluate
 
-    config = EvalConfig(model=model, split=split.value, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
+    if quality:
+        _quality(model, estimator, seq_lens, ks, max_windows, device.value, report_dir, progress)
+        return
+    config = EvalConfig(model=model, split=split.value, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size,
+                        estimator=None if estimator is None else str(estimator), k=k, device=device.value)
     report = evaluate(config, progress=progress)
     _stdout.print(_eval_table(report))
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SeaEdgeError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SeaEdgeError(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def _quality(model, estimator, seq_lens, ks, max_windows, device, report_dir, progress):
+    from sea_edge.artifacts import atomic_write_json
+    from sea_edge.evaluation import _device
+    from sea_edge.quality import QualityConfig, estimator_quality, plot_quality, quality_table
+    from sea_edge.teacher import load_teacher
+
+    if estimator is None:
+        raise SeaEdgeError("--quality needs --estimator")
+    cfg = QualityConfig(seq_lens=_ints(seq_lens, "--seq-lens"), ks=_ints(ks, "--ks"), max_windows=max_windows,
+                        device=str(_device(device)))
+    teacher, tok = load_teacher(model)
+    report = estimator_quality(teacher, tok, estimator, cfg, progress=progress)
+    _stdout.print(quality_table(report), highlight=False)
+    out = report_dir or Path(estimator)
+    atomic_write_json(out / "quality.json", report)
+    plot_quality(report, out / "quality.png")
+    _stdout.print(f"wrote {out / 'quality.json'} and {out / 'quality.png'}", highlight=False)
+
+
+@app.command("distill")
+@user_errors
+def distill_(
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, then the estimator (estimator.safetensors).")],
+    model: Annotated[str, typer.Option(help="Teacher name or local Hugging Face model directory.")] = "smollm2-135m",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 600,
+    seq_len: Annotated[int, typer.Option(help="Training window (tokens).")] = 1024,
+    k: Annotated[int, typer.Option(help="SEA budget: keys per query.")] = 64,
+    batch: Annotated[int, typer.Option(help="Windows per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (warm-up then cosine).")] = 2e-3,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
+    device: Annotated[Device, typer.Option(help="Where to train (cuda uses bf16 autocast).")] = Device.cpu,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
+    max_windows: Annotated[Optional[int], typer.Option(help="Use only the first N training windows.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Distill SEA's attention estimator from the teacher's own attention (resumable)."""
+    from sea_edge.distill import DistillConfig, distill
+
+    cfg = DistillConfig(steps=steps, seq_len=seq_len, batch=batch, lr=lr, checkpoint_every=checkpoint_every,
+                        device=device.value, max_windows=max_windows, sea={"k": k})
+    r = distill(model, out, cfg, resume=resume, progress=progress)
+    last = r.history[-1] if r.history else {}
+    _stdout.print(f"distilled {r.steps} steps ({r.tokens:,} tokens this run, {r.seconds:.0f} s); "
+                  f"final loss {last.get('loss', float('nan')):.4f}; estimator in {r.out}", highlight=False)
+
+
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def bench_(
+    ctx: typer.Context,
+    layer: Annotated[bool, typer.Option(help="Benchmark the whole SEA layer instead of the sparse-attention op.")]
+    = False,
+) -> None:
+    """GPU benchmarks (tables + JSON + PNG): the sparse-attention op vs SDPA flash / FlexAttention, or with
+    --layer the whole SEA layer vs SDPA flash. Other options pass through (--out, --T, --k, ...; --help there)."""
+    if layer:
+        from sea_edge.bench_layer import main
+    else:
+        from sea_edge.kernels.bench import main
+    main(list(ctx.args))
 
 
 def _eval_table(report):
@@ -111,3 +205,7 @@ def _eval_table(report):
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+if __name__ == "__main__":
+    app()

@@ -167,6 +167,9 @@ class EvalConfig:
     seq_len: int = 2048  # the context SEA is meant for; long enough that dense attention's T x T cost shows
     max_windows: int | None = None  # None: every window of the split
     batch_size: int = 1  # one window at a time keeps peak memory lowest on a small device
+    estimator: str | None = None  # SEA estimator folder; None: the dense teacher
+    k: int | None = None  # SEA budget override (keys per query); None: the estimator's own
+    device: str = "cpu"
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -179,6 +182,12 @@ class EvalConfig:
             raise SeaEdgeError(f"max_windows must be >= 1, got {self.max_windows}")
         if self.batch_size < 1:
             raise SeaEdgeError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.k is not None and self.k < 1:
+            raise SeaEdgeError(f"k must be >= 1, got {self.k}")
+        if self.k is not None and self.estimator is None:
+            raise SeaEdgeError("--k applies to a SEA model: give --estimator too")
+        if self.device not in ("cpu", "cuda"):
+            raise SeaEdgeError(f"unknown device {self.device!r}: use cpu or cuda")
 
 
 @dataclass(frozen=True)
@@ -203,6 +212,11 @@ def evaluate(config: EvalConfig, progress: bool = False) -> EvalReport:
     with status:
         model, tokenizer = load_teacher(config.model)
         text = load_corpus(config.split)
+        if config.estimator is not None:
+            from sea_edge.estimator_io import apply_estimator
+
+            apply_estimator(model, config.estimator, None if config.k is None else {"k": config.k})
+        model.to(_device(config.device))
     load_seconds = time.perf_counter() - start
     result = perplexity(
         model,
@@ -214,3 +228,11 @@ def evaluate(config: EvalConfig, progress: bool = False) -> EvalReport:
         progress=progress,
     )
     return EvalReport(config=config, teacher=teacher_info(model), result=result, load_seconds=load_seconds)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SeaEdgeError("--device cuda asked for, but no CUDA GPU is available")
+    return torch.device(name)

@@ -28,6 +28,7 @@ class AttentionTargets:
 
 
 @torch.no_grad()
+@torch.autocast("cuda", enabled=False)  # the target is the teacher's fp32 attention, also inside bf16 training
 def attention_targets(q, k, v, scale: float, causal: bool, K: int, key_valid=None, idx=None,
                       chunk: int = 256) -> AttentionTargets:
     """Dense softmax attention of q over k, v (GQA, queries = the last T of S positions), summarised per query."""
