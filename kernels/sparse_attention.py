@@ -31,7 +31,7 @@ __all__ = ["SparsePlan", "sparse_attention_plan", "sparse_attention_triton", "sp
 
 BLOCK_N = 64  # keys per block: the per-(row, block) mask is one int64
 # Launch settings the bench's --sweep varies (None: the defaults below); not a public interface.
-_CFG = {"fwd_warps": None, "fwd_stages": 3, "plan_ch": None, "plan_warps": 4}
+_CFG = {"fwd_warps": None, "fwd_stages": 3, "plan_ch": None, "plan_warps": 4, "plan_flags": False}
 
 
 @triton.jit
@@ -53,14 +53,16 @@ def _plan_add_masks(map_ptr, pre_ptr, bits_ptr, tbase, n_words, cap, rowoff, b, 
     word = tl.load(map_ptr + tbase * n_words + wrd, mask=on, other=0).to(tl.int64) & 0xFFFFFFFF
     below = word & ((tl.full([BM, CH], 1, tl.int64) << (b % 32).to(tl.int64)) - 1)
     slot = tl.load(pre_ptr + tbase * n_words + wrd, mask=on, other=0) + _popcount32(below)
-    tl.atomic_add(bits_ptr + (tbase * cap + slot) * BM + rowoff, val, mask=on & (slot < cap))
+    # relaxed: triton's default acq_rel puts a fence around every atomic; the plan's adds commute and are read only
+    # by later launches
+    tl.atomic_add(bits_ptr + (tbase * cap + slot) * BM + rowoff, val, mask=on & (slot < cap), sem="relaxed")
 
 
 @triton.jit
 def _sparse_attention_plan_scan_kernel(
     idx_ptr, map_ptr, pre_ptr, bits_ptr,
     T, W, n_tiles, n_words, cap,
-    BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr,
+    BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CH: tl.constexpr, FLAGS: tl.constexpr = False,
 ):
     """One program per (tile of BM rows, b*Hq + h), CH slots of all BM rows at a time; both plan passes.
 
@@ -96,17 +98,20 @@ def _sparse_attention_plan_scan_kernel(
             rowoff = (rows - tile * BM)[:, None]  # (BM, 1)
             _plan_add_masks(map_ptr, pre_ptr, bits_ptr, tbase, n_words, cap, rowoff, blk, cs, add_end, BM, CH)
             _plan_add_masks(map_ptr, pre_ptr, bits_ptr, tbase, n_words, cap, rowoff, blk_n, -cs, sub_next, BM, CH)
+        elif FLAGS:  # plain byte stores (same value from many rows: no read-modify-write); bits_ptr = byte map
+            tl.store(bits_ptr + tbase * (n_words * 32) + tl.where(seg_end, blk, 0), tl.full([BM, CH], 1, tl.int8),
+                     mask=seg_end)
         else:
             b = tl.where(seg_end, blk, 0)
             tl.atomic_or(map_ptr + tbase * n_words + b // 32, (tl.full([BM, CH], 1, tl.int32) << (b % 32)),
-                         mask=seg_end)
+                         mask=seg_end, sem="relaxed")
 
 
 @triton.jit
 def _sparse_attention_plan_compact_kernel(
-    map_ptr, pre_ptr, blk_ptr, cnt_ptr,
+    map_ptr, pre_ptr, blk_ptr, cnt_ptr, flag_ptr,
     n_tiles, n_words, n_kblocks, cap,
-    NW: tl.constexpr,
+    NW: tl.constexpr, FLAGS: tl.constexpr = False,
 ):
     """One program per (tile, b*Hq + h): the tile's block bitmap -> ascending block list, per-word prefix counts
     (a block's slot = prefix of its word + set bits below it in the word) and the block count."""
@@ -118,7 +123,13 @@ def _sparse_attention_plan_compact_kernel(
     run = tl.full([], 0, tl.int32)
     for w0 in range(0, n_words, NW):
         wm = w0 + w < n_words
-        word = tl.load(map_ptr + tbase * n_words + w0 + w, mask=wm, other=0).to(tl.int64) & 0xFFFFFFFF  # (NW,)
+        if FLAGS:  # byte map -> bitmap words (pass 3 looks slots up in them)
+            f = tl.load(flag_ptr + tbase * (n_words * 32) + (w0 + w)[:, None] * 32 + j[None, :], mask=wm[:, None],
+                        other=0)  # (NW, 32) int8
+            word = tl.sum((f != 0).to(tl.int64) << j[None, :].to(tl.int64), 1)  # (NW,) distinct bits: sum = OR
+            tl.store(map_ptr + tbase * n_words + w0 + w, word.to(tl.uint32).to(tl.int32, bitcast=True), mask=wm)
+        else:
+            word = tl.load(map_ptr + tbase * n_words + w0 + w, mask=wm, other=0).to(tl.int64) & 0xFFFFFFFF  # (NW,)
         pc = _popcount32(word).to(tl.int32)
         incl = tl.cumsum(pc, 0)
         tl.store(pre_ptr + tbase * n_words + w0 + w, run + incl - pc, mask=wm)
@@ -156,11 +167,15 @@ def _sparse_attention_plan(idx: torch.Tensor, S: int, block_m: int) -> SparsePla
                           dtype=torch.int64), cnt, block_m, 1)
     grid = (n_tiles, B * H)
     ch = _CFG["plan_ch"] or (64 if block_m <= 64 else 32)  # (BM, CH) int64 tiles: registers at 64 x 64
-    bitmap = torch.zeros(B * H, n_tiles, n_words, device=idx.device, dtype=torch.int32)
+    flags = _CFG["plan_flags"]
+    bitmap = (torch.empty if flags else torch.zeros)(B * H, n_tiles, n_words, device=idx.device, dtype=torch.int32)
     prefix = torch.empty(B * H, n_tiles, n_words, device=idx.device, dtype=torch.int32)
+    # byte map variant: T/64 x S/64 bytes per head (12 MB at 64k x 12 heads), no atomics in pass 1
+    fmap = torch.zeros(B * H, n_tiles, n_words * 32, device=idx.device, dtype=torch.int8) if flags else bitmap
     _sparse_attention_plan_scan_kernel[grid](
-        idx_ptr=idx, map_ptr=bitmap, pre_ptr=prefix, bits_ptr=bitmap, T=T, W=W, n_tiles=n_tiles,
-        n_words=n_words, cap=1, BITS=False, BM=block_m, BN=BLOCK_N, CH=ch, num_warps=_CFG["plan_warps"],
+        idx_ptr=idx, map_ptr=bitmap, pre_ptr=prefix, bits_ptr=fmap, T=T, W=W, n_tiles=n_tiles,
+        n_words=n_words, cap=1, BITS=False, BM=block_m, BN=BLOCK_N, CH=ch, FLAGS=flags,
+        num_warps=_CFG["plan_warps"],
     )
     # First guess of blocks per tile: SEA rows are runs, so the union is a few times w / BN; rerun if exceeded.
     cap = max(1, min(n_kblocks, 4 * triton.cdiv(W, BLOCK_N) + 8))
@@ -168,8 +183,8 @@ def _sparse_attention_plan(idx: torch.Tensor, S: int, block_m: int) -> SparsePla
     for _ in range(2):
         blk = torch.empty(B * H, n_tiles, cap, device=idx.device, dtype=torch.int32)
         _sparse_attention_plan_compact_kernel[grid](
-            map_ptr=bitmap, pre_ptr=prefix, blk_ptr=blk, cnt_ptr=cnt, n_tiles=n_tiles, n_words=n_words,
-            n_kblocks=n_kblocks, cap=cap, NW=nw, num_warps=4,
+            map_ptr=bitmap, pre_ptr=prefix, blk_ptr=blk, cnt_ptr=cnt, flag_ptr=fmap, n_tiles=n_tiles,
+            n_words=n_words, n_kblocks=n_kblocks, cap=cap, NW=nw, FLAGS=flags, num_warps=4,
         )
         need = int(cnt.max())  # the one host sync of a call
         if need <= cap:

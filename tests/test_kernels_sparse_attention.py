@@ -160,8 +160,13 @@ PLAN_CASES = [(1, 2, 63, 300, 40, 16, 0.1), (2, 1, 100, 700, 200, 32, 0.2), (1, 
 
 
 @pytest.mark.parametrize("case", PLAN_CASES, ids=lambda c: "B{}-H{}-T{}-S{}-w{}-bm{}-d{}".format(*c))
-def test_plan_matches_brute_force(case):
-    from sea_edge.kernels.sparse_attention import sparse_attention_plan
+@pytest.mark.parametrize("flags", [False, True], ids=["bitmap", "bytemap"])
+def test_plan_matches_brute_force(case, flags, monkeypatch):
+    import importlib
+
+    sa = importlib.import_module("sea_edge.kernels.sparse_attention")
+    monkeypatch.setitem(sa._CFG, "plan_flags", flags)  # both pass-1 variants (bench --sweep times them)
+    sparse_attention_plan = sa.sparse_attention_plan
 
     B, H, T, S, w, bm, density = case
     g = torch.Generator(DEV).manual_seed(11)
