@@ -6,6 +6,7 @@ from .op import sparse_attention
 from .reference import (
     column_spans,
     expand_columns_ref,
+    row_columns,
     select_columns_ref,
     sparse_attention_ref,
     sparse_index_ref,
@@ -34,6 +35,7 @@ __all__ = [
     "expand_columns",
     "expand_columns_ref",
     "select_columns",
+    "row_columns",
     "select_columns_ref",
     "sparse_attention",
     "sparse_attention_plan",

@@ -34,7 +34,7 @@ def _order_key(x):
 
 @triton.jit
 def _select_columns_fwd_kernel(
-    probs_ptr, cols_ptr, T, S, K, H, n_cols, c,
+    probs_ptr, cols_ptr, T, S, K, H, n_cols, n_keys, c,
     CAUSAL: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b * T + t
@@ -49,6 +49,9 @@ def _select_columns_fwd_kernel(
         L = (S - T + t + 1).to(tl.int64)
     else:
         L = S + tl.zeros([], tl.int64)
+    n_row = n_cols + tl.zeros([], tl.int64)  # columns this row keeps over all heads
+    if n_keys > 0:  # per-row count: reference.row_columns
+        n_row = tl.maximum(n_keys // ((L + K - 1) // K), 1)
     j64 = jj.to(tl.int64)
     selectable = ((j64 + 1) * L // K) > (j64 * L // K)  # empty spans (L < K) are never selected
     x = tl.where(selectable[None, :], x, float("-inf"))
@@ -72,14 +75,14 @@ def _select_columns_fwd_kernel(
     for bit in tl.static_range(31, -1, -1):
         cand = g | (1 << bit)
         cnt = tl.sum(tl.sum((gkey >= cand).to(tl.int32), 1), 0)
-        g = tl.where(cnt >= n_cols, cand, g)
+        g = tl.where(cnt >= n_row, cand, g)
     ggt = gkey > g
     geq = gkey == g
     # row-major rank of the ties: lower head first, then lower column (the reference's head-major stable sort)
     geq_i = geq.to(tl.int32)
     row_tot = tl.sum(geq_i, 1)
     g_rank = (tl.cumsum(row_tot, 0) - row_tot)[:, None] + tl.cumsum(geq_i, 1)
-    groom = n_cols - tl.sum(tl.sum(ggt.to(tl.int32), 1), 0)
+    groom = n_row - tl.sum(tl.sum(ggt.to(tl.int32), 1), 0)
     keep = (ggt | (geq & (g_rank <= groom))) & (x > float("-inf"))
 
     # write each head's kept columns ascending, then -1 in the unused slots (disjoint addresses)
@@ -93,9 +96,10 @@ def _select_columns_fwd_kernel(
              mask=(hh < H)[:, None] & (slot[None, :] >= n_keep[:, None]) & (slot[None, :] < c))
 
 
-def select_columns(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, causal: bool) -> torch.Tensor:
-    """Triton twin of select_columns_ref: per token keep the n_cols largest of H*K probabilities, at most
-    head_cap per head. probs (B, H, T, K) float. Returns cols (B, H, T, min(head_cap, K)) int32, ascending, -1 padded.
+def select_columns(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, causal: bool,
+                   n_keys: int | None = None) -> torch.Tensor:
+    """Triton twin of select_columns_ref: per token keep the n_cols largest of H*K probabilities (or, with n_keys,
+    reference.row_columns of them), at most head_cap per head. probs (B, H, T, K) float. Returns cols (B, H, T, min(head_cap, K)) int32, ascending, -1 padded.
     """
     if probs.dim() != 4:
         raise ValueError(f"probs must be (B, H, T, K), got shape {tuple(probs.shape)}")
@@ -112,7 +116,7 @@ def select_columns(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, caus
     if B * T == 0:
         return cols
     _select_columns_fwd_kernel[(B * T,)](
-        probs_ptr=probs.contiguous(), cols_ptr=cols, T=T, S=S, K=K, H=H, n_cols=n_cols, c=c,
+        probs_ptr=probs.contiguous(), cols_ptr=cols, T=T, S=S, K=K, H=H, n_cols=n_cols, n_keys=n_keys or 0, c=c,
         CAUSAL=bool(causal), BH=BH, BK=BK, BC=triton.next_power_of_2(c), num_warps=8 if BH * BK >= 4096 else 4,
     )
     return cols
@@ -181,7 +185,7 @@ def expand_columns(cols: torch.Tensor, K: int, S: int, causal: bool,
 
 
 def sparse_index(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, causal: bool,
-                 key_valid: torch.Tensor | None = None) -> torch.Tensor:
+                 key_valid: torch.Tensor | None = None, n_keys: int | None = None) -> torch.Tensor:
     """select_columns then expand_columns: compressed probabilities (B, H, T, K) -> idx (B, H, T, w)."""
-    cols = select_columns(probs, n_cols, head_cap, S, causal)
+    cols = select_columns(probs, n_cols, head_cap, S, causal, n_keys)
     return expand_columns(cols, probs.shape[-1], S, causal, key_valid)

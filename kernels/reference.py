@@ -25,6 +25,7 @@ import torch
 
 __all__ = [
     "column_spans",
+    "row_columns",
     "select_columns_ref",
     "expand_columns_ref",
     "sparse_index_ref",
@@ -48,9 +49,23 @@ def column_spans(cols: torch.Tensor, K: int, S: int, causal: bool) -> tuple[torc
     return torch.div(j * L, K, rounding_mode="floor"), torch.div((j + 1) * L, K, rounding_mode="floor")
 
 
-def select_columns_ref(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, causal: bool) -> torch.Tensor:
+def row_columns(n_cols: int, n_keys: int | None, T: int, S: int, K: int, causal: bool, device) -> torch.Tensor:
+    """Columns each query row keeps over all heads: `n_cols`, or with a key budget `n_keys`,
+    max(1, n_keys // ceil(L / K)) where L is the row's key count: a causal row whose columns span fewer keys
+    keeps more of them, so every row spends the same key budget (the last row of a causal prefill and every
+    bidirectional row get exactly n_cols = n_keys // ceil(S / K)).  # (T,) int64"""
+    if n_keys is None:
+        return torch.full((T,), n_cols, device=device, dtype=torch.int64)
+    L = _query_lengths(T, S, causal, device)
+    span = torch.div(L + K - 1, K, rounding_mode="floor")
+    return torch.clamp(torch.div(n_keys, span, rounding_mode="floor"), min=1)
+
+
+def select_columns_ref(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, causal: bool,
+                       n_keys: int | None = None) -> torch.Tensor:
     """Grouped top-k (SEA.md step 4): per query token keep the `n_cols` largest entries of `probs` over all heads
-    and columns together (budget shared across heads), with at most `head_cap` columns in any one head.
+    and columns together (budget shared across heads), with at most `head_cap` columns in any one head. With
+    `n_keys`, the count varies per row instead (row_columns).
 
     The capped flattened top-k equals a greedy pass over all H*K entries in descending order that skips a head once
     it is full; we compute it as (1) each head's top `head_cap` columns, then (2) the top `n_cols` of those H*cap
@@ -71,8 +86,11 @@ def select_columns_ref(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, 
     vals, cols = torch.sort(p, dim=-1, descending=True, stable=True)
     vals, cols = vals[..., :c], cols[..., :c]  # (B, H, T, c)
     flat = vals.permute(0, 2, 1, 3).reshape(B, T, H * c)  # (B, T, H*c), head-major
-    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices[..., :n_cols]
-    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, order, True) & torch.isfinite(flat)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices  # (B, T, H*c)
+    n_row = row_columns(n_cols, n_keys, T, S, K, causal, probs.device)  # (T,)
+    in_budget = torch.arange(H * c, device=probs.device) < n_row[:, None]  # (T, H*c), by rank
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, order, in_budget.expand(B, T, H * c))
+    keep &= torch.isfinite(flat)
     keep = keep.view(B, T, H, c).permute(0, 2, 1, 3)  # (B, H, T, c)
     cols = torch.where(keep, cols, K)  # K sorts after every real column
     cols = torch.sort(cols, dim=-1).values
@@ -110,10 +128,11 @@ def sparse_index_ref(
     S: int,
     causal: bool,
     key_valid: torch.Tensor | None = None,
+    n_keys: int | None = None,
 ) -> torch.Tensor:
     """select_columns_ref then expand_columns_ref: compressed probabilities -> idx (B, H, T, w)."""
     K = probs.shape[-1]
-    cols = select_columns_ref(probs, n_cols, head_cap, S, causal)
+    cols = select_columns_ref(probs, n_cols, head_cap, S, causal, n_keys)
     return expand_columns_ref(cols, K, S, causal, key_valid)
 
 

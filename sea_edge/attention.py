@@ -95,7 +95,8 @@ def sea_attention(
     n_cols, head_cap, _ = budget(cfg, H, S)
     with torch.no_grad():  # top-k is not differentiable (SEA.md, distillation)
         build = kernels.sparse_index if probs.is_cuda else sparse_index_ref  # Triton on GPU, same result
-        idx = build(probs.detach(), n_cols, head_cap, S, causal, key_valid)  # (B, H, T, w)
+        # every row spends H*k keys: causal rows whose columns span fewer keys keep more columns
+        idx = build(probs.detach(), n_cols, head_cap, S, causal, key_valid, n_keys=H * cfg.k)  # (B, H, T, w)
     sparse = sparse_attention(q, k, v, idx, scale)  # (B, H, T, D)
     if cfg.mix:
         avg = average_context(v, probs, key_valid, causal, H)

@@ -49,6 +49,10 @@ def test_select_expand_identical(case):
     cols = select_columns(probs, n, cap, S, causal)
     want = select_columns_ref(probs, n, cap, S, causal)
     assert cols.dtype == torch.int32 and torch.equal(cols, want)
+    # a key budget instead of a column count: the per-row count (reference.row_columns) must match too
+    n_keys = 3 * n
+    per_row = select_columns_ref(probs, n, cap, S, causal, n_keys=n_keys)
+    assert torch.equal(select_columns(probs, n, cap, S, causal, n_keys=n_keys), per_row)
     key_valid = torch.rand(B, S, generator=g, device=DEV) > 0.2
     for kv in (None, key_valid):
         got = expand_columns(want, K, S, causal, kv)
