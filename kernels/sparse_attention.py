@@ -6,9 +6,10 @@ Every idx row must be strictly ascending (no key twice), as the references produ
 Design (why tensor cores work on a per-row sparse mask):
   SEA's rows are runs of ~S/K consecutive keys and neighbouring rows share most runs. So for a tile of BM query rows
   of one head we list the *union* of the BN-key blocks that any of its rows touches, and for each (block, row) a
-  64-bit mask of which keys of the block that row keeps ("the plan", built by `_sparse_attention_plan_kernel` in one
-  pass over idx: a BM-way merge of the sorted rows). The attention kernels then run dense tl.dot tiles
-  (BM x BN x D) over the union blocks, with the bitmask as the score mask, and an online softmax (FlashAttention-2).
+  64-bit mask of which keys of the block that row keeps ("the plan", built by three data-parallel passes:
+  `_sparse_attention_plan_scan_kernel` marks the blocks of each row segment in a per-tile bitmap,
+  `_sparse_attention_plan_compact_kernel` turns it into the block list, the scan kernel again adds the key masks).
+  The attention kernels then run dense tl.dot tiles (BM x BN x D) over the union blocks, with the bitmask as the score mask, and an online softmax (FlashAttention-2).
   Memory is linear: the plan holds (blocks per tile) x BM x 8 bytes, about T * (w / BN) * 8 bytes per head for
   SEA-shaped masks, never T x S.
   GQA: each query head has its own idx, so each (b, query head) has its own plan; heads of one group read the same
@@ -199,7 +200,7 @@ def _sparse_attention_plan(idx: torch.Tensor, S: int, block_m: int) -> SparsePla
 
 
 def sparse_attention_plan(idx: torch.Tensor, S: int, block_m: int = 64) -> SparsePlan:
-    """Build the block plan of `idx` (B, H, T, w) for keys of length S (one pass over idx)."""
+    """Build the block plan of `idx` (B, H, T, w) for keys of length S (two passes over idx)."""
     if idx.dim() != 4:
         raise ValueError(f"idx must be (B, H, T, w), got shape {tuple(idx.shape)}")
     if block_m not in (16, 32, 64, 128):
