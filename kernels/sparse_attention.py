@@ -9,7 +9,8 @@ Design (why tensor cores work on a per-row sparse mask):
   64-bit mask of which keys of the block that row keeps ("the plan", built by three data-parallel passes:
   `_sparse_attention_plan_scan_kernel` marks the blocks of each row segment in a per-tile bitmap,
   `_sparse_attention_plan_compact_kernel` turns it into the block list, the scan kernel again adds the key masks).
-  The attention kernels then run dense tl.dot tiles (BM x BN x D) over the union blocks, with the bitmask as the score mask, and an online softmax (FlashAttention-2).
+  The attention kernels then run dense tl.dot tiles (BM x BN x D) over the union blocks, with the bitmask as the
+  score mask, and an online softmax (FlashAttention-2).
   Memory is linear: the plan holds (blocks per tile) x BM x 8 bytes, about T * (w / BN) * 8 bytes per head for
   SEA-shaped masks, never T x S.
   GQA: each query head has its own idx, so each (b, query head) has its own plan; heads of one group read the same
