@@ -85,7 +85,8 @@ def eval_(
     split: Annotated[Split, typer.Option(help="Corpus split (Shakespeare's plays, split by play).")] = Split.validation,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
     estimator: Annotated[
-        Optional[Path], typer.Option(help="SEA estimator folder (from `sea-edge distill`): evaluate SEA, not dense.")
+        Optional[str], typer.Option(help="SEA estimator folder (from `sea-edge distill`), or 'default' for the "
+                                         "embedded one: evaluate SEA, not dense.")
     ] = None,
     k: Annotated[Optional[int], typer.Option(help="SEA budget: keys per query (default: the estimator's).")] = None,
     quality: Annotated[
@@ -105,7 +106,7 @@ def eval_(
         _quality(model, estimator, seq_lens, ks, max_windows, device.value, report_dir, progress)
         return
     config = EvalConfig(model=model, split=split.value, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size,
-                        estimator=None if estimator is None else str(estimator), k=k, device=device.value)
+                        estimator=estimator, k=k, device=device.value)
     report = evaluate(config, progress=progress)
     _stdout.print(_eval_table(report))
 
@@ -130,6 +131,9 @@ def _quality(model, estimator, seq_lens, ks, max_windows, device, report_dir, pr
         raise SeaEdgeError("--quality needs --estimator")
     cfg = QualityConfig(seq_lens=_ints(seq_lens, "--seq-lens"), ks=_ints(ks, "--ks"), max_windows=max_windows,
                         device=str(_device(device)))
+    from sea_edge.estimator_io import resolve_estimator
+
+    estimator = resolve_estimator(model, estimator)
     teacher, tok = load_teacher(model)
     report = estimator_quality(teacher, tok, estimator, cfg, progress=progress)
     _stdout.print(quality_table(report), highlight=False)
@@ -153,13 +157,17 @@ def distill_(
     device: Annotated[Device, typer.Option(help="Where to train (cuda uses bf16 autocast).")] = Device.cpu,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
     max_windows: Annotated[Optional[int], typer.Option(help="Use only the first N training windows.")] = None,
+    init: Annotated[
+        Optional[Path], typer.Option(help="Start from this estimator folder (fine-tune / continue) instead of fresh.")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Distill SEA's attention estimator from the teacher's own attention (resumable)."""
     from sea_edge.distill import DistillConfig, distill
 
     cfg = DistillConfig(steps=steps, seq_len=seq_len, batch=batch, lr=lr, checkpoint_every=checkpoint_every,
-                        device=device.value, max_windows=max_windows, sea={"k": k})
+                        device=device.value, max_windows=max_windows, sea={"k": k},
+                        init=None if init is None else str(init))
     r = distill(model, out, cfg, resume=resume, progress=progress)
     last = r.history[-1] if r.history else {}
     _stdout.print(f"distilled {r.steps} steps ({r.tokens:,} tokens this run, {r.seconds:.0f} s); "
@@ -187,7 +195,11 @@ def _eval_table(report):
 
     r, t = report.result, report.teacher
     kind = "causal" if t.causal else "bidirectional"
-    table = Table(title=f"{t.name} on {report.config.split}", show_header=False, title_justify="left")
+    attn = "dense" if report.config.estimator is None else f"SEA ({report.config.estimator}"
+    if report.config.estimator is not None:
+        attn += ")" if report.config.k is None else f", k={report.config.k})"
+    table = Table(title=f"{t.name} on {report.config.split}, {attn} attention", show_header=False,
+                  title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     rows = [

@@ -65,6 +65,8 @@ class DistillConfig:
     """Use only the first N training windows (tests, smoke runs)."""
     sea: dict = field(default_factory=dict)
     """SEAConfig fields for the student (k, compressed_width, ...)."""
+    init: str | None = None
+    """Start from this estimator (folder) instead of fresh weights: continue or fine-tune a distillation."""
 
     def __post_init__(self):
         for name in ("steps", "seq_len", "batch", "checkpoint_every"):
@@ -201,6 +203,8 @@ def distill_model(model, tokenizer, out: Path, cfg: DistillConfig, teacher: str 
         if state.get("teacher") != teacher:
             raise SeaEdgeError(f"checkpoint {ckpt} was made for teacher {state.get('teacher')!r}, not {teacher!r}")
         apply_estimator(model, ckpt)
+    elif cfg.init is not None:
+        apply_estimator(model, cfg.init, cfg.sea or None)
     else:
         to_sea(model, SEAConfig(**cfg.sea))
     model.to(device)

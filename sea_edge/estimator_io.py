@@ -21,7 +21,7 @@ from .errors import SeaEdgeError
 from .patch import sea_layers, to_sea
 
 __all__ = ["FORMAT", "estimator_state", "save_estimator", "load_estimator_file", "apply_estimator",
-           "DEFAULT_ESTIMATORS", "default_estimator"]
+           "DEFAULT_ESTIMATORS", "default_estimator", "resolve_estimator"]
 
 FORMAT = "sea-edge-estimator/1"
 WEIGHTS, META = "estimator.safetensors", "estimator.json"
@@ -33,6 +33,16 @@ def default_estimator(teacher: str) -> Path | None:
     """The estimator embedded in the package for a known teacher, if one ships."""
     d = DEFAULT_ESTIMATORS.get(teacher)
     return d if d is not None and (d / WEIGHTS).exists() else None
+
+
+def resolve_estimator(teacher: str, estimator: str | Path) -> Path:
+    """An estimator folder, or "default": the one embedded for `teacher`."""
+    if str(estimator) == "default":
+        d = default_estimator(teacher)
+        if d is None:
+            raise SeaEdgeError(f"no embedded estimator for {teacher!r} (embedded: {', '.join(DEFAULT_ESTIMATORS)})")
+        return d
+    return Path(estimator)
 
 
 def _geometry(model) -> dict:

@@ -213,9 +213,10 @@ def evaluate(config: EvalConfig, progress: bool = False) -> EvalReport:
         model, tokenizer = load_teacher(config.model)
         text = load_corpus(config.split)
         if config.estimator is not None:
-            from sea_edge.estimator_io import apply_estimator
+            from sea_edge.estimator_io import apply_estimator, resolve_estimator
 
-            apply_estimator(model, config.estimator, None if config.k is None else {"k": config.k})
+            path = resolve_estimator(config.model, config.estimator)
+            apply_estimator(model, path, None if config.k is None else {"k": config.k})
         model.to(_device(config.device))
     load_seconds = time.perf_counter() - start
     result = perplexity(

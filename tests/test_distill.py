@@ -144,3 +144,27 @@ def test_distill_config_validation():
         DistillConfig(steps=0)
     with pytest.raises(SeaEdgeError, match="unknown device"):
         DistillConfig(device="tpu")
+
+
+def test_embedded_default_estimator_beats_untrained(smollm2):
+    """The estimator shipped in the package loads on the default teacher and is far better than an untrained one."""
+    from sea_edge.data import load_corpus
+    from sea_edge.estimator_io import default_estimator
+    from sea_edge.evaluation import perplexity
+
+    model, tok = smollm2
+    path = default_estimator("smollm2-135m")
+    assert path is not None, "the embedded default estimator is missing from the package"
+    text = load_corpus("validation")
+    to_dense(model)
+    try:
+        teacher = perplexity(model, tok, text, 512, max_windows=2).ppl
+        to_sea(model)
+        untrained = perplexity(model, tok, text, 512, max_windows=2).ppl
+        apply_estimator(model, path)
+        assert model.sea_config.k == 64 and model.sea_config.compressed_width == 256
+        distilled = perplexity(model, tok, text, 512, max_windows=2).ppl
+    finally:
+        to_dense(model)
+    assert distilled < 0.5 * untrained
+    assert distilled < 1.3 * teacher, (teacher, untrained, distilled)
