@@ -1,13 +1,15 @@
 """SEA kernels: sparse attention over per-row key indices and mask construction, Triton on GPU with plain-torch
 references (layout in reference.py). Imports nothing else of sea_edge; triton is imported lazily: the Triton
-functions below load kernels/sparse_attention.py or kernels/mask.py (and triton) on first use."""
+functions below load kernels/triton_sparse_attention.py or kernels/mask.py (and triton) on first use."""
 
 from .op import sparse_attention
 from .reference import (
+    check_attention_shapes,
     column_spans,
     expand_columns_ref,
     row_columns,
     select_columns_ref,
+    sparse_attention_bwd_ref,
     sparse_attention_ref,
     sparse_index_ref,
 )
@@ -16,9 +18,9 @@ _LAZY = {
     "select_columns": "mask",
     "expand_columns": "mask",
     "sparse_index": "mask",
-    "sparse_attention_triton": "sparse_attention",
-    "sparse_attention_triton_bwd": "sparse_attention",
-    "sparse_attention_plan": "sparse_attention",
+    "sparse_attention_triton": "triton_sparse_attention",
+    "sparse_attention_triton_bwd": "triton_sparse_attention",
+    "sparse_attention_plan": "triton_sparse_attention",
 }
 
 
@@ -40,6 +42,8 @@ __all__ = [
     "sparse_attention",
     "sparse_attention_plan",
     "sparse_attention_ref",
+    "sparse_attention_bwd_ref",
+    "check_attention_shapes",
     "sparse_attention_triton",
     "sparse_attention_triton_bwd",
     "sparse_index",

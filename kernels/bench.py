@@ -107,7 +107,8 @@ def _time_ms(fn, cuda):
     return statistics.median(ts)
 
 
-def _peak_mib(fn, cuda):
+def peak_mib(fn, cuda=True):
+    """Peak CUDA memory (MiB) that `fn` allocates beyond what was held before it (NaN off the GPU)."""
     if not cuda:
         return float("nan")
     torch.cuda.synchronize()
@@ -119,7 +120,7 @@ def _peak_mib(fn, cuda):
 
 
 def run_config(B, Hq, Hkv, T, k, causal, D, dtype, device, args, flex_fn, cache):
-    from .sparse_attention import sparse_attention_plan, sparse_attention_triton
+    from .triton_sparse_attention import sparse_attention_plan, sparse_attention_triton
 
     cuda = device == "cuda"
     S = T
@@ -145,7 +146,7 @@ def run_config(B, Hq, Hkv, T, k, causal, D, dtype, device, args, flex_fn, cache)
     row["ours_ms"] = _time_ms(ours, cuda)
     row["ours_tflops"] = flops / row["ours_ms"] / 1e9
     row["ours_gbs"] = nbytes / row["ours_ms"] / 1e6
-    row["ours_peak_mib"] = _peak_mib(ours, cuda)
+    row["ours_peak_mib"] = peak_mib(ours, cuda)
     for bm in (64, 128):
         plan = sparse_attention_plan(idx, S, block_m=bm)
         row[f"plan{bm}_ms"] = _time_ms(lambda: sparse_attention_plan(idx, S, block_m=bm), cuda)  # noqa: B023

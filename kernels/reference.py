@@ -30,6 +30,8 @@ __all__ = [
     "expand_columns_ref",
     "sparse_index_ref",
     "sparse_attention_ref",
+    "sparse_attention_bwd_ref",
+    "check_attention_shapes",
 ]
 
 
@@ -136,6 +138,40 @@ def sparse_index_ref(
     return expand_columns_ref(cols, K, S, causal, key_valid)
 
 
+def check_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> None:
+    """ValueError naming the bad shape unless q (B, Hq, T, D), k = v (B, Hkv, S, D), Hkv | Hq, idx (B, Hq, T, w)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or idx.dim() != 4:
+        raise ValueError(f"expected 4-d q, k, v, idx; got {q.dim()}, {k.dim()}, {v.dim()}, {idx.dim()}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if tuple(idx.shape[:3]) != tuple(q.shape[:3]):
+        raise ValueError(f"idx {tuple(idx.shape)} must start with q's (B, Hq, T) = {tuple(q.shape[:3])}")
+
+
+def _row_chunks(k, v, idx, chunk):
+    """Per block of `chunk` query rows: (t0, t1, kg, vg, valid, flat) with the rows' keys and values gathered,
+    (B, Hq, t, w, D) in fp32, their validity (B, Hq, t, w) and the flat gather index (for scatters)."""
+    B, Hq, T, w = idx.shape
+    Hkv, D = k.shape[1], k.shape[-1]
+    heads = torch.arange(Hq, device=k.device) // (Hq // Hkv)
+    kh, vh = k[:, heads].float(), v[:, heads].float()  # (B, Hq, S, D)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        ii = idx[:, :, t0:t1].long()  # (B, Hq, t, w)
+        flat = ii.clamp(min=0).reshape(B, Hq, -1, 1).expand(-1, -1, -1, D)
+        kg = kh.gather(2, flat).view(B, Hq, t1 - t0, w, D)
+        vg = vh.gather(2, flat).view(B, Hq, t1 - t0, w, D)
+        yield t0, t1, kg, vg, ii >= 0, flat
+
+
+def _probs(qc, kg, valid, scale):
+    """Softmax over each row's kept keys (B, Hq, t, w); a row with no key at all is all zero."""
+    s = torch.einsum("bhtd,bhtwd->bhtw", qc, kg) * scale
+    return torch.softmax(s.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)  # all -inf -> NaN -> 0
+
+
 def sparse_attention_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float, chunk: int = 256
 ) -> torch.Tensor:
@@ -145,23 +181,35 @@ def sparse_attention_ref(
     outputs zeros. Computed in fp32 and returned in q's dtype; rows are processed `chunk` at a time so the
     gathered keys, (B, Hq, chunk, w, D), bound the memory.
     """
-    B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    w = idx.shape[-1]
-    heads = torch.arange(Hq, device=q.device) // (Hq // Hkv)
-    kh, vh = k[:, heads].float(), v[:, heads].float()  # (B, Hq, S, D)
-    out = torch.empty(B, Hq, T, D, device=q.device, dtype=torch.float32)
-    for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
-        ii = idx[:, :, t0:t1].long()  # (B, Hq, t, w)
-        valid = ii >= 0
-        flat = ii.clamp(min=0).reshape(B, Hq, -1, 1).expand(-1, -1, -1, D)
-        kg = kh.gather(2, flat).view(B, Hq, t1 - t0, w, D)
-        vg = vh.gather(2, flat).view(B, Hq, t1 - t0, w, D)
-        s = torch.einsum("bhtd,bhtwd->bhtw", q[:, :, t0:t1].float(), kg) * scale
-        s = s.masked_fill(~valid, float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all -inf row -> NaN -> 0
+    check_attention_shapes(q, k, v, idx)
+    out = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+    for t0, t1, kg, vg, valid, _ in _row_chunks(k, v, idx, chunk):
+        p = _probs(q[:, :, t0:t1].float(), kg, valid, scale)
         out[:, :, t0:t1] = torch.einsum("bhtw,bhtwd->bhtd", p, vg)
     return out.to(q.dtype)
+
+
+def sparse_attention_bwd_ref(grad, q, k, v, idx, scale: float, chunk: int = 256):
+    """Gradients (dq, dk, dv) of sparse_attention_ref, written out (fp32 inside, rows `chunk` at a time).
+
+    Not autograd through the forward: inside a custom op's implementation the dispatcher is already below the
+    autograd key, so `torch.enable_grad()` there records no graph. Softmax backward: ds = p * (dp - sum(p * dp)).
+    Keys and values shared by several query heads (GQA) and rows sum their gradients.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    dq = torch.empty(B, Hq, T, D, device=q.device, dtype=torch.float32)
+    dkh = torch.zeros(B, Hq, S, D, device=q.device, dtype=torch.float32)
+    dvh = torch.zeros(B, Hq, S, D, device=q.device, dtype=torch.float32)
+    for t0, t1, kg, vg, valid, flat in _row_chunks(k, v, idx, chunk):
+        qc, gc = q[:, :, t0:t1].float(), grad[:, :, t0:t1].float()
+        p = _probs(qc, kg, valid, scale)  # (B, Hq, t, w)
+        dp = torch.einsum("bhtd,bhtwd->bhtw", gc, vg)
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale  # zero at holes since p = 0 there
+        dq[:, :, t0:t1] = torch.einsum("bhtw,bhtwd->bhtd", ds, kg)
+        dkh.scatter_add_(2, flat, torch.einsum("bhtw,bhtd->bhtwd", ds, qc).reshape(B, Hq, -1, D))
+        dvh.scatter_add_(2, flat, torch.einsum("bhtw,bhtd->bhtwd", p, gc).reshape(B, Hq, -1, D))
+    dk = dkh.view(B, Hkv, group, S, D).sum(2)
+    dv = dvh.view(B, Hkv, group, S, D).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from sea_edge.kernels.bench import peak_mib
+
 from .attention import sea_attention
 from .config import SEAConfig
 from .estimator import SEAEstimator
@@ -38,15 +40,6 @@ def _time_ms(fn, warmup=3, rep=10) -> float:
         times.append(a.elapsed_time(b))
     times.sort()
     return times[len(times) // 2]
-
-
-def _peak_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def bench_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, dtype=torch.float16) -> dict:
@@ -73,9 +66,9 @@ def bench_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, dty
 
     row = {"T": T, "k": k, "H": H, "Hkv": Hkv, "causal": causal, "dtype": str(dtype).replace("torch.", "")}
     row["sea_ms"] = _time_ms(sea)
-    row["sea_peak_mib"] = _peak_mib(sea)
+    row["sea_peak_mib"] = peak_mib(sea)
     row["flash_ms"] = _time_ms(flash)
-    row["flash_peak_mib"] = _peak_mib(flash)
+    row["flash_peak_mib"] = peak_mib(flash)
     row["speedup"] = row["flash_ms"] / row["sea_ms"]
     return row
 

@@ -149,7 +149,6 @@ class SEAEstimator(nn.Module):
         ctx = self.performer(q, k, v, key_valid)  # (B, H, T, D+K)
         x = torch.cat([ctx, F.normalize(q.float(), dim=-1)], dim=-1)
         feat = self.encoder(self.in_norm(x)) + self.head_embed[:, None, :]  # (B, H, T, 2D)
-        r = self.cfg.decoder_ratio
         img = self.to_rows(feat).view(B * H, T, self.C, -1).permute(0, 2, 1, 3)  # (B*H, C, T, K/r)
         img = img + F.gelu(self._conv(self.conv1, img))
         img = self.norm(img)

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from sea_edge.kernels import sparse_attention, sparse_attention_ref, sparse_index_ref
-from sea_edge.kernels.sparse_attention import sparse_attention_triton, sparse_attention_triton_bwd
+from sea_edge.kernels.triton_sparse_attention import sparse_attention_triton, sparse_attention_triton_bwd
 
 from sea_edge.testing import assert_close_to_ref, assert_rel_err
 
@@ -127,7 +127,7 @@ def test_block_m_and_plan_reuse():
     g = torch.Generator(DEV).manual_seed(7)
     q, k, v = make_qkv(1, 2, 1, 63, 90, 32, torch.float32, g)
     idx = make_idx("sea", 1, 2, 63, 90, True, g)
-    from sea_edge.kernels.sparse_attention import sparse_attention_plan
+    from sea_edge.kernels.triton_sparse_attention import sparse_attention_plan
 
     ref = sparse_attention_ref(q, k, v, idx, 0.2)
     for bm in (16, 32):
@@ -164,7 +164,7 @@ PLAN_CASES = [(1, 2, 63, 300, 40, 16, 0.1), (2, 1, 100, 700, 200, 32, 0.2), (1, 
 def test_plan_matches_brute_force(case, flags, monkeypatch):
     import importlib
 
-    sa = importlib.import_module("sea_edge.kernels.sparse_attention")
+    sa = importlib.import_module("sea_edge.kernels.triton_sparse_attention")
     monkeypatch.setitem(sa._CFG, "plan_flags", flags)  # both pass-1 variants (bench --sweep times them)
     sparse_attention_plan = sa.sparse_attention_plan
 

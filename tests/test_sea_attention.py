@@ -183,3 +183,17 @@ def test_config_validation():
     assert cfg.compressed_width == 256 and cfg.n_features == round(64 * math.log(64))
     assert SEAConfig().resolve(causal=False, head_dim=32).compressed_width == 128
     assert SEAConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_public_op_is_not_shadowed_by_a_submodule():
+    """Importing the Triton module must not replace `sea_edge.kernels.sparse_attention` (the op) on the package."""
+    import importlib
+
+    pytest.importorskip("triton")
+    import sea_edge.kernels as kernels
+
+    importlib.import_module("sea_edge.kernels.triton_sparse_attention")
+    importlib.import_module("sea_edge.kernels.mask")
+    from sea_edge.kernels import sparse_attention
+
+    assert callable(sparse_attention) and callable(kernels.sparse_index)

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import check_attention_shapes
+
 __all__ = ["SparsePlan", "sparse_attention_plan", "sparse_attention_triton", "sparse_attention_triton_bwd"]
 
 BLOCK_N = 64  # keys per block: the per-(row, block) mask is one int64
@@ -306,14 +308,7 @@ def _sparse_attention_bwd_kernel(
 
 
 def _check(q, k, v, idx):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or idx.dim() != 4:
-        raise ValueError(f"expected 4-d q, k, v, idx; got {q.dim()}, {k.dim()}, {v.dim()}, {idx.dim()}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    if tuple(idx.shape[:3]) != tuple(q.shape[:3]):
-        raise ValueError(f"idx {tuple(idx.shape)} must start with q's (B, Hq, T) = {tuple(q.shape[:3])}")
+    check_attention_shapes(q, k, v, idx)
     if q.shape[-1] > 128:
         raise ValueError(f"head dim D must be <= 128, got {q.shape[-1]}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
