@@ -18,6 +18,11 @@ _LAZY = {
     "to_dense": "sea_edge.patch",
     "load_teacher": "sea_edge.teacher",
     "TEACHERS": "sea_edge.teacher",
+    "teacher_info": "sea_edge.teacher",
+    "apply_estimator": "sea_edge.estimator_io",
+    "save_estimator": "sea_edge.estimator_io",
+    "DistillConfig": "sea_edge.distill",
+    "distill": "sea_edge.distill",
     "load_corpus": "sea_edge.data",
     "perplexity": "sea_edge.evaluation",
 }
