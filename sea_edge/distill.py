@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .artifacts import atomic_dir, atomic_write_json
 from .config import SEAConfig
 from .errors import SeaEdgeError
-from .estimator_io import apply_estimator, estimator_state, load_estimator_file, save_estimator
+from .estimator_io import apply_estimator, save_estimator
 from .patch import dense_attention, recording, sea_layers, to_sea
 from .targets import attention_targets
 
@@ -284,7 +284,3 @@ def _progress(enabled: bool):
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
                     disable=not enabled, transient=False)
-
-
-# re-exported for the CLI's checks
-__all__ += ["load_estimator_file", "estimator_state"]
