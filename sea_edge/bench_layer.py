@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -25,27 +27,36 @@ from .estimator import SEAEstimator
 __all__ = ["bench_layer", "main"]
 
 
-def _time_ms(fn, warmup=3, rep=10) -> float:
-    """Median of CUDA-event timings after warm-up (synchronised)."""
+def _time_ms(fn, cuda: bool, warmup=3, rep=10) -> float:
+    """Median time after warm-up: CUDA events on the GPU (synchronised), the host clock on the CPU."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
     times = []
     for _ in range(rep):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+        if cuda:
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return times[len(times) // 2]
 
 
-def bench_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, dtype=torch.float16) -> dict:
+def bench_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, dtype=torch.float16,
+                dev: str = "cuda") -> dict:
+    """One row: SEA layer vs dense SDPA (flash backend on the GPU; the CPU smoke run takes what the CPU has)."""
+    import contextlib
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    dev = "cuda"
+    cuda = dev == "cuda"
     cfg = SEAConfig(k=k).resolve(causal=causal, head_dim=D)
     est = SEAEstimator(cfg, D, H, max_positions=max(T, 8192)).to(dev)
     g = torch.Generator(device=dev).manual_seed(T + k)
@@ -60,15 +71,15 @@ def bench_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, dty
 
     @torch.no_grad()
     def flash():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if cuda else contextlib.nullcontext():
             return torch.nn.functional.scaled_dot_product_attention(q, kk, v, is_causal=causal, scale=scale,
                                                                     enable_gqa=H != Hkv)
 
     row = {"T": T, "k": k, "H": H, "Hkv": Hkv, "causal": causal, "dtype": str(dtype).replace("torch.", "")}
-    row["sea_ms"] = _time_ms(sea)
-    row["sea_peak_mib"] = peak_mib(sea)
-    row["flash_ms"] = _time_ms(flash)
-    row["flash_peak_mib"] = peak_mib(flash)
+    row["sea_ms"] = _time_ms(sea, cuda)
+    row["sea_peak_mib"] = peak_mib(sea, cuda)
+    row["flash_ms"] = _time_ms(flash, cuda)
+    row["flash_peak_mib"] = peak_mib(flash, cuda)
     row["speedup"] = row["flash_ms"] / row["sea_ms"]
     return row
 
@@ -79,9 +90,14 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, nargs="+", default=[64])
     ap.add_argument("--heads", default="12/12,9/3", help="query/kv head pairs, comma separated")
     ap.add_argument("--out", type=Path, default=Path("bench-layer"))
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run at tiny shapes (fp32): checks the program, "
+                                                         "times nothing worth reporting")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_layer needs a CUDA GPU")
+    dev, dtype = ("cpu", torch.float32) if args.quick else ("cuda", torch.float16)
+    if args.quick:
+        args.T, args.k, args.heads = [128, 256], [16], "4/2"
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_layer needs a CUDA GPU (or --quick for a CPU smoke run)")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     heads = [tuple(int(x) for x in p.split("/")) for p in args.heads.split(",")]
@@ -90,13 +106,15 @@ def main(argv=None) -> int:
         for causal in (False, True):
             for k in args.k:
                 for T in args.T:
-                    rows.append(bench_layer(T, k, H, Hkv, causal))
+                    rows.append(bench_layer(T, k, H, Hkv, causal, dtype=dtype, dev=dev))
                     r = rows[-1]
                     print(f"H{H}/{Hkv} {'causal' if causal else 'bidir '} k={k:<5} T={T:<6} SEA {r['sea_ms']:8.2f} ms "
                           f"{r['sea_peak_mib']:8.0f} MiB | flash {r['flash_ms']:8.2f} ms {r['flash_peak_mib']:8.0f} MiB"
                           f" | speedup {r['speedup']:5.2f}x", flush=True)
-                    torch.cuda.empty_cache()
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version()}
+                    if dev == "cuda":
+                        torch.cuda.empty_cache()
+    meta = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or 'cpu'})",
+            "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_layer.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     _plot(rows, args.out / "bench_layer.png", meta)
@@ -117,6 +135,9 @@ def _plot(rows, path, meta):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key, ax, label in (("ms", axes[0], "time (ms)"), ("peak_mib", axes[1], "peak memory (MiB)")):
+        if not any(math.isfinite(r[f"sea_{key}"]) and r[f"sea_{key}"] > 0 for r in rows):
+            ax.text(0.5, 0.5, f"no {label} measured on this device", ha="center", transform=ax.transAxes)
+            continue
         groups = sorted({(r["H"], r["Hkv"], r["causal"], r["k"]) for r in rows})
         for H, Hkv, causal, k in groups:
             sel = [r for r in rows if (r["H"], r["Hkv"], r["causal"], r["k"]) == (H, Hkv, causal, k)]
@@ -129,7 +150,7 @@ def _plot(rows, path, meta):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
-    fig.suptitle(f"SEA layer vs SDPA flash, B=1 D=64 fp16, {meta['gpu']}")
+    fig.suptitle(f"SEA layer vs SDPA flash, B=1 D=64 {meta['dtype'].replace('torch.', '')}, {meta['gpu']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -197,3 +197,15 @@ def test_public_op_is_not_shadowed_by_a_submodule():
     from sea_edge.kernels import sparse_attention
 
     assert callable(sparse_attention) and callable(kernels.sparse_index)
+
+
+def test_layer_bench_quick_smoke(tmp_path):
+    """The whole-layer benchmark program runs end to end (CPU smoke shapes) and writes its JSON and PNG."""
+    import json
+
+    from sea_edge.bench_layer import main
+
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_layer.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["sea_ms"] > 0 and r["flash_ms"] > 0 for r in rows)
+    assert (tmp_path / "bench_layer.png").read_bytes()[:4] == b"\x89PNG"
