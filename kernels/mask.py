@@ -14,11 +14,12 @@ floor((j + 1) L / K)) (reference.column_spans); valid keys are written compacted
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
+
+from .reference import _span
 
 __all__ = ["expand_columns", "select_columns", "sparse_index"]
 
@@ -158,7 +159,7 @@ def _expand_columns_fwd_kernel(
 
 
 def expand_columns(cols: torch.Tensor, K: int, S: int, causal: bool,
-                   key_valid: torch.Tensor | None = None) -> torch.Tensor:
+                   key_valid: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
     """Triton twin of expand_columns_ref: kept compressed columns (B, H, T, c) -> idx (B, H, T, c * ceil(S / K))
     int32, ascending, -1 padded; keys with key_valid[b, key] False are dropped."""
     if cols.dim() != 4:
@@ -166,7 +167,7 @@ def expand_columns(cols: torch.Tensor, K: int, S: int, causal: bool,
     B, H, T, c = cols.shape
     if causal and T > S:
         raise ValueError(f"causal needs T <= S, got T={T}, S={S}")
-    span = max(1, math.ceil(S / K))
+    span = _span(S, K, span)
     W = c * span
     idx = torch.empty(B, H, T, W, device=cols.device, dtype=torch.int32)
     if idx.numel() == 0:
@@ -185,7 +186,8 @@ def expand_columns(cols: torch.Tensor, K: int, S: int, causal: bool,
 
 
 def sparse_index(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, causal: bool,
-                 key_valid: torch.Tensor | None = None, n_keys: int | None = None) -> torch.Tensor:
+                 key_valid: torch.Tensor | None = None, n_keys: int | None = None,
+                 span: int | None = None) -> torch.Tensor:
     """select_columns then expand_columns: compressed probabilities (B, H, T, K) -> idx (B, H, T, w)."""
     cols = select_columns(probs, n_cols, head_cap, S, causal, n_keys)
-    return expand_columns(cols, probs.shape[-1], S, causal, key_valid)
+    return expand_columns(cols, probs.shape[-1], S, causal, key_valid, span)

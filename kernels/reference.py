@@ -99,16 +99,26 @@ def select_columns_ref(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, 
     return torch.where(cols == K, -1, cols).to(torch.int32)
 
 
+def _span(S: int, K: int, span: int | None) -> int:
+    need = max(1, math.ceil(S / K))
+    if span is None:
+        return need
+    if span < need:
+        raise ValueError(f"span {span} is narrower than a column of {S} keys over K={K} ({need})")
+    return span
+
+
 def expand_columns_ref(
-    cols: torch.Tensor, K: int, S: int, causal: bool, key_valid: torch.Tensor | None = None
+    cols: torch.Tensor, K: int, S: int, causal: bool, key_valid: torch.Tensor | None = None, span: int | None = None
 ) -> torch.Tensor:
     """Mask interpolation (SEA.md step 5): turn kept compressed columns into per-row key indices.
 
     cols: (B, H, T, c) int, ascending with -1 padding. key_valid: optional (B, S) bool, False for padding keys,
-    which are dropped. Returns idx (B, H, T, c * ceil(S / K)) int32, ascending, -1 padded at the end.
+    which are dropped. span: key slots per column, default ceil(S / K) (a fixed larger one keeps the output width
+    independent of S). Returns idx (B, H, T, c * span) int32, ascending, -1 padded at the end.
     """
     B, H, T, c = cols.shape
-    span = max(1, math.ceil(S / K))
+    span = _span(S, K, span)
     start, end = column_spans(cols.clamp(min=0), K, S, causal)  # (B, H, T, c)
     key = start.unsqueeze(-1) + torch.arange(span, device=cols.device)  # (B, H, T, c, span)
     ok = (cols >= 0).unsqueeze(-1) & (key < end.unsqueeze(-1))
@@ -131,11 +141,12 @@ def sparse_index_ref(
     causal: bool,
     key_valid: torch.Tensor | None = None,
     n_keys: int | None = None,
+    span: int | None = None,
 ) -> torch.Tensor:
     """select_columns_ref then expand_columns_ref: compressed probabilities -> idx (B, H, T, w)."""
     K = probs.shape[-1]
     cols = select_columns_ref(probs, n_cols, head_cap, S, causal, n_keys)
-    return expand_columns_ref(cols, K, S, causal, key_valid)
+    return expand_columns_ref(cols, K, S, causal, key_valid, span)
 
 
 def check_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> None:

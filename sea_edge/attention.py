@@ -92,11 +92,12 @@ def sea_attention(
     selectable = selectable_columns(T, S, K, causal, q.device, key_valid)  # (T, K) or (B, 1, T, K)
     est = estimator(q, k, v, selectable, key_valid)  # logits (B, H, T, K)
     probs = torch.softmax(est.logits, dim=-1)  # P_hat, SEA.md step 3
-    n_cols, head_cap, _ = budget(cfg, H, S)
+    n_cols, head_cap, span = budget(cfg, H, S)
     with torch.no_grad():  # top-k is not differentiable (SEA.md, distillation)
         build = kernels.sparse_index if probs.is_cuda else sparse_index_ref  # Triton on GPU, same result
         # every row spends H*k keys: causal rows whose columns span fewer keys keep more columns
-        idx = build(probs.detach(), n_cols, head_cap, S, causal, key_valid, n_keys=H * cfg.k)  # (B, H, T, w)
+        idx = build(probs.detach(), n_cols, head_cap, S, causal, key_valid, n_keys=H * cfg.k,
+                    span=span)  # (B, H, T, w), w = head_cap * span
     sparse = sparse_attention(q, k, v, idx, scale)  # (B, H, T, D)
     if cfg.mix:
         avg = average_context(v, probs, key_valid, causal, H)

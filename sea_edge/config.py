@@ -30,6 +30,10 @@ class SEAConfig:
     per-row key lists (ELL layout) while heads that need more keys still get more (SEA.md step 4)."""
     performer_chunk: int = 128
     """Tokens per block of the causal Performer prefix sum: bounds memory at (chunk x chunk) per head."""
+    budget_length: int | None = None
+    """Lay the mask out for up to this many keys (S <= budget_length) instead of the actual S, so that the idx
+    width, and every shape after it, depends on no arithmetic on S: what a graph export with a dynamic sequence
+    length needs (set it to the exported maximum context). None = from the actual S (eager use)."""
     causal: bool | None = None
     """None = take it from the teacher (decoder LM: causal, encoder: bidirectional)."""
     seed: int = 0
@@ -51,6 +55,8 @@ class SEAConfig:
             raise ValueError(f"compressed_width {K} must be a multiple of decoder_ratio {self.decoder_ratio}")
         if self.head_cap_factor < 1.0:
             raise ValueError(f"head_cap_factor must be >= 1, got {self.head_cap_factor}")
+        if self.budget_length is not None and self.budget_length < 1:
+            raise ValueError(f"budget_length must be >= 1, got {self.budget_length}")
         if self.performer_chunk < 1:
             raise ValueError(f"performer_chunk must be >= 1, got {self.performer_chunk}")
 
@@ -76,12 +82,16 @@ class SEAConfig:
 
 def budget(cfg: SEAConfig, n_heads: int, S: int) -> tuple[int, int, int]:
     """(n_cols, head_cap, span): compressed columns kept per token over all heads, the most one head may take, and
-    the widest key span of a column, ceil(S / K).
+    the widest key span of a column, ceil(S / K) (S = cfg.budget_length when set).
 
     Each column stands for up to `span` keys, so n_cols = floor(H k / span) keeps at most H*k keys per token (the
     paper's k*K/S columns per head, flattened over heads, SEA.md step 4); at least one column is always kept.
     """
     K = cfg.compressed_width
+    if cfg.budget_length is not None:
+        if S > cfg.budget_length:
+            raise ValueError(f"{S} keys exceed budget_length {cfg.budget_length}")
+        S = cfg.budget_length
     span = max(1, math.ceil(S / K))
     n_cols = max(1, (n_heads * cfg.k) // span)
     fair = math.ceil(n_cols / n_heads)

@@ -57,6 +57,9 @@ def test_select_expand_identical(case):
     for kv in (None, key_valid):
         got = expand_columns(want, K, S, causal, kv)
         assert got.dtype == torch.int32 and torch.equal(got, expand_columns_ref(want, K, S, causal, kv))
+    wide = -(-S // K) + 2  # a layout wider than the keys need (SEAConfig.budget_length): same keys, more holes
+    assert torch.equal(expand_columns(want, K, S, causal, key_valid, span=wide),
+                       expand_columns_ref(want, K, S, causal, key_valid, span=wide))
     assert torch.equal(sparse_index(probs, n, cap, S, causal), sparse_index_ref(probs, n, cap, S, causal))
 
 

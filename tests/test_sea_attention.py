@@ -209,3 +209,27 @@ def test_layer_bench_quick_smoke(tmp_path):
     rows = json.loads((tmp_path / "bench_layer.json").read_text())["rows"]
     assert len(rows) == 4 and all(r["sea_ms"] > 0 and r["flash_ms"] > 0 for r in rows)
     assert (tmp_path / "bench_layer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_budget_length_fixes_the_layout_not_the_result():
+    """budget_length lays the mask out for a longer context (wider key lists, more -1 slots); for S within it the
+    kept keys and the output are those of the budget computed from the same length."""
+    B, H, Hkv, T, D = 1, 4, 2, 300, 32
+    q, k, v = qkv(B, H, Hkv, T, T, D, seed=11)
+    fixed = make_layer(True, D, H, K=64, k=16)
+    fixed.cfg = SEAConfig(**{**fixed.cfg.to_dict(), "budget_length": 512})
+    with torch.no_grad():
+        out, st = sea_attention(fixed, q, k, v, D**-0.5, record=True)
+    n_cols, head_cap, span = budget(fixed.cfg, H, T)
+    assert span == 8 and st.idx.shape[-1] == head_cap * 8  # laid out for 512 keys (ceil(512/64) = 8)
+    with pytest.raises(ValueError, match="exceed budget_length"):
+        budget(fixed.cfg, H, 513)
+    # the same budget over the real 300 keys, with the narrower layout ceil(300/64) = 5: same keys, same output
+    from sea_edge.kernels import sparse_index_ref
+
+    probs = torch.softmax(st.estimate.logits, -1)
+    narrow = sparse_index_ref(probs, n_cols, head_cap, T, True, n_keys=H * 16, span=5)
+    wide = st.idx[..., : narrow.shape[-1]]
+    assert torch.equal(narrow, wide) and (st.idx[..., narrow.shape[-1]:] == -1).all()
+    with pytest.raises(ValueError, match="narrower"):
+        sparse_index_ref(probs, n_cols, head_cap, T, True, span=4)
