@@ -2,6 +2,12 @@
 references (layout in reference.py). Imports nothing else of sea_edge; triton is imported lazily: the Triton
 functions below load kernels/triton_sparse_attention.py or kernels/mask.py (and triton) on first use."""
 
+if __name__ != "sea_edge.kernels":
+    # Importable only through the `sea_edge` mapping. From the repository root this folder is also visible as a
+    # top-level `kernels`, which transformers imports when it probes for the Hugging Face `kernels` package; running
+    # op.py a second time under that name would register `sea_edge::sparse_attention` twice and break it.
+    raise ImportError(f"sea-edge's kernels are imported as sea_edge.kernels, not as {__name__!r}")
+
 from .op import sparse_attention
 from .reference import (
     check_attention_shapes,

@@ -85,3 +85,28 @@ def test_import_is_light():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert result.stdout.strip() == "", f"imported at `import sea_edge`: {result.stdout.strip()}"
+
+
+def test_kernels_folder_is_not_importable_as_top_level_kernels():
+    """From the repository root, transformers probes `import kernels` (the Hugging Face package) and would find our
+    folder; that import must fail cleanly instead of registering the op twice (seen: a broken op afterwards)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = (
+        "import torch, sea_edge.kernels as sk\n"
+        "try:\n"
+        "    import kernels\n"
+        "    raise SystemExit('top-level kernels imported')\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "q = torch.randn(1, 2, 3, 8); k = torch.randn(1, 1, 3, 8)\n"
+        "idx = torch.tensor([0, 1, 2, -1]).expand(1, 2, 3, 4).contiguous()\n"
+        "out = sk.sparse_attention(q.requires_grad_(), k, k, idx, 0.3)\n"
+        "out.sum().backward()\n"
+        "print('ok', tuple(out.shape))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok (1, 2, 3, 8)" in r.stdout, r.stderr[-2000:]
