@@ -34,7 +34,7 @@ from .config import SEAConfig
 from .errors import SeaEdgeError
 from .estimator_io import apply_estimator, save_estimator
 from .patch import dense_attention, recording, sea_layers, to_sea
-from .targets import attention_targets
+from .targets import attention_targets, compressed_kl
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "distill_model", "layer_losses"]
 
@@ -95,10 +95,8 @@ def layer_losses(model, cfg: DistillConfig) -> dict[str, torch.Tensor]:
         st = m.sea_state
         tg = attention_targets(st.q, st.k, st.v, st.scale, m.sea.causal, m.sea.K, st.key_valid)
         logp = torch.log_softmax(st.estimate.logits.float(), dim=-1)  # (B, H, T, K), -inf on empty columns
-        a = tg.compressed
-        pos = a > 0
-        kl = kl + torch.where(pos, a * (a.clamp(min=1e-30).log() - logp), 0.0).sum(-1).mean()
-        mse = mse + (a - logp.exp()).pow(2).sum(-1).mean()
+        kl = kl + compressed_kl(tg.compressed, logp)
+        mse = mse + (tg.compressed - logp.exp()).pow(2).sum(-1).mean()
         out = out + (st.output.float() - tg.out).pow(2).mean() / tg.out.pow(2).mean().clamp(min=1e-12)
     n = len(layers)
     return {"kl": kl / n, "mse": mse / n, "out": out / n}

@@ -15,7 +15,7 @@ import torch
 
 from .estimator_io import apply_estimator
 from .patch import recording, to_dense
-from .targets import attention_targets
+from .targets import attention_targets, compressed_kl
 
 __all__ = ["QualityConfig", "estimator_quality", "plot_quality"]
 
@@ -42,9 +42,7 @@ def layer_quality(model, ids: torch.Tensor) -> list[dict]:
         for i, m in enumerate(layers):
             st = m.sea_state
             tg = attention_targets(st.q, st.k, st.v, st.scale, m.sea.causal, m.sea.K, st.key_valid, idx=st.idx)
-            logp = torch.log_softmax(st.estimate.logits.float(), -1)
-            a = tg.compressed
-            kl = torch.where(a > 0, a * (a.clamp(min=1e-30).log() - logp), 0.0).sum(-1).mean().item()
+            kl = compressed_kl(tg.compressed, torch.log_softmax(st.estimate.logits.float(), -1)).item()
             rows.append({"layer": i, "kl": kl, "mass_recall": tg.recall.mean().item(),
                          "keys_per_query": (st.idx >= 0).sum(-1).float().mean().item()})
     return rows

@@ -17,7 +17,7 @@ import torch
 
 from sea_edge.kernels import column_spans
 
-__all__ = ["AttentionTargets", "attention_targets"]
+__all__ = ["AttentionTargets", "attention_targets", "compressed_kl"]
 
 
 @dataclass
@@ -58,3 +58,10 @@ def attention_targets(q, k, v, scale: float, causal: bool, K: int, key_valid=Non
             ii = idx[:, :, t0:t1].long()
             recall[:, :, t0:t1] = (a.gather(-1, ii.clamp(min=0)) * (ii >= 0)).sum(-1)
     return AttentionTargets(comp.clamp(min=0), out, recall)
+
+
+def compressed_kl(compressed: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Mean over query rows of KL(A_c || P_hat): compressed (B, H, T, K) target, logp the estimate's log-softmax
+    (-inf on empty columns, where the target is 0 and the term is 0)."""
+    a = compressed
+    return torch.where(a > 0, a * (a.clamp(min=1e-30).log() - logp), 0.0).sum(-1).mean()
