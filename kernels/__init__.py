@@ -8,7 +8,7 @@ if __name__ != "sea_edge.kernels":
     # op.py a second time under that name would register `sea_edge::sparse_attention` twice and break it.
     raise ImportError(f"sea-edge's kernels are imported as sea_edge.kernels, not as {__name__!r}")
 
-from .op import sparse_attention
+from .op import sparse_attention, sparse_index_op
 from .reference import (
     check_attention_shapes,
     column_spans,
@@ -54,4 +54,5 @@ __all__ = [
     "sparse_attention_triton_bwd",
     "sparse_index",
     "sparse_index_ref",
+    "sparse_index_op",
 ]

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .reference import check_attention_shapes, sparse_attention_bwd_ref, sparse_attention_ref
+from .reference import check_attention_shapes, sparse_attention_bwd_ref, sparse_attention_ref, sparse_index_ref
 
-__all__ = ["sparse_attention"]
+__all__ = ["sparse_attention", "sparse_index_op"]
 
 
 @torch.library.custom_op("sea_edge::sparse_attention", mutates_args=())
@@ -76,3 +76,30 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
     """
     check_attention_shapes(q, k, v, idx)
     return _sparse_attention_op(q, k, v, idx.to(torch.int32), float(scale))
+
+
+@torch.library.custom_op("sea_edge::sparse_index", mutates_args=())
+def _sparse_index_op(probs: torch.Tensor, key_valid: torch.Tensor | None, n_cols: int, head_cap: int, S: int,
+                     causal: bool, n_keys: int, span: int) -> torch.Tensor:
+    return sparse_index_ref(probs, n_cols, head_cap, S, causal, key_valid, n_keys or None, span)
+
+
+@_sparse_index_op.register_kernel("cuda")
+def _(probs, key_valid, n_cols, head_cap, S, causal, n_keys, span):
+    from .mask import sparse_index  # lazy: triton only where CUDA runs
+
+    return sparse_index(probs, n_cols, head_cap, S, causal, key_valid, n_keys or None, span)
+
+
+@_sparse_index_op.register_fake
+def _(probs, key_valid, n_cols, head_cap, S, causal, n_keys, span):
+    B, H, T, K = probs.shape
+    return probs.new_empty(B, H, T, torch.sym_min(head_cap, K) * span, dtype=torch.int32)
+
+
+def sparse_index_op(probs: torch.Tensor, key_valid: torch.Tensor | None, n_cols: int, head_cap: int, S: int,
+                    causal: bool, n_keys: int | None, span: int) -> torch.Tensor:
+    """`sea_edge::sparse_index`: grouped top-k and interpolation (reference.sparse_index_ref; Triton on CUDA) as
+    one op, so that graph capture (torch.export, ONNX) sees the mask construction as a single node with a known
+    output shape (B, H, T, min(head_cap, K) * span) instead of data-dependent sorts. No gradient (top-k)."""
+    return _sparse_index_op(probs, key_valid, n_cols, head_cap, S, causal, n_keys or 0, span)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 __all__ = ["SEAConfig", "budget"]
 
@@ -87,13 +88,19 @@ def budget(cfg: SEAConfig, n_heads: int, S: int) -> tuple[int, int, int]:
     Each column stands for up to `span` keys, so n_cols = floor(H k / span) keeps at most H*k keys per token (the
     paper's k*K/S columns per head, flattened over heads, SEA.md step 4); at least one column is always kept.
     """
+    import torch  # lazy: the config itself is plain data
+
     K = cfg.compressed_width
     if cfg.budget_length is not None:
         if S > cfg.budget_length:
             raise ValueError(f"{S} keys exceed budget_length {cfg.budget_length}")
         S = cfg.budget_length
-    span = max(1, math.ceil(S / K))
-    n_cols = max(1, (n_heads * cfg.k) // span)
-    fair = math.ceil(n_cols / n_heads)
-    head_cap = min(K, n_cols, max(fair, math.ceil(cfg.head_cap_factor * n_cols / n_heads)))
+    # Integer arithmetic with torch.sym_min / sym_max only, so that under graph capture (torch.export, ONNX) S may be
+    # a symbolic size: the budget becomes a few graph ops instead of a guard that specialises the length.
+    span = (S + K - 1) // K  # S >= 1, so span >= 1
+    n_cols = torch.sym_max(1, (n_heads * cfg.k) // span)
+    fair = (n_cols + n_heads - 1) // n_heads
+    f = Fraction(cfg.head_cap_factor)
+    capped = (f.numerator * n_cols + f.denominator * n_heads - 1) // (f.denominator * n_heads)  # ceil(f n / H)
+    head_cap = torch.sym_min(torch.sym_min(K, n_cols), torch.sym_max(fair, capped))
     return n_cols, head_cap, span
