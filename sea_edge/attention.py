@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-import sea_edge.kernels as kernels
-from sea_edge.kernels import column_spans, sparse_attention, sparse_index_ref
+from sea_edge.kernels import column_spans, sparse_attention, sparse_index_op
 
 from .config import budget
 from .estimator import EstimatorOutput, SEAEstimator
 
-__all__ = ["sea_attention", "SEAState", "average_context"]
+__all__ = ["sea_attention", "sea_attention_step", "mask_geometry", "SEAState", "average_context"]
 
 
 @dataclass
@@ -76,6 +75,35 @@ def average_context(v, probs, key_valid, causal: bool, n_heads: int) -> torch.Te
     return ctx[:, :, None, :].expand(B, n_heads, T, D)
 
 
+def mask_geometry(estimator: SEAEstimator, H: int, T: int, S: int, device, key_valid=None):
+    """What the mask needs that depends only on the shapes and the padding, not on the layer: the selectable
+    columns (T, K) or (B, 1, T, K) and the budget (n_cols, head_cap, span). A whole model computes it once."""
+    K, causal = estimator.K, estimator.causal
+    return selectable_columns(T, S, K, causal, device, key_valid), *budget(estimator.cfg, H, S)
+
+
+def _sea(estimator: SEAEstimator, q, k, v, scale: float, key_valid, state, geometry=None):
+    """Steps 1-7 for one layer: (output (B, H, T, D) in q's dtype, estimate, idx, sparse context)."""
+    cfg = estimator.cfg
+    B, H, T, D = q.shape
+    S, causal = k.shape[2], estimator.causal
+    if geometry is None:
+        geometry = mask_geometry(estimator, H, T, S, q.device, key_valid)
+    selectable, n_cols, head_cap, span = geometry
+    est = estimator(q, k, v, selectable, key_valid, state)  # logits (B, H, T, K)
+    probs = torch.softmax(est.logits, dim=-1)  # P_hat, SEA.md step 3
+    # top-k is not differentiable (SEA.md, distillation); every row spends H*k keys: causal rows whose columns
+    # span fewer keys keep more columns. One op: the reference on CPU, Triton on CUDA, a single node when exported.
+    idx = sparse_index_op(probs.detach(), key_valid, n_cols, head_cap, S, causal, H * cfg.k, span)  # (B, H, T, w)
+    sparse = sparse_attention(q, k, v, idx, scale)  # (B, H, T, D)
+    if cfg.mix:
+        avg = average_context(v, probs, key_valid, causal, H)
+        out = est.mix * est.gain * sparse.float() + (1.0 - est.mix) * avg
+    else:
+        out = sparse.float()
+    return out.to(q.dtype), est, idx, sparse
+
+
 def sea_attention(
     estimator: SEAEstimator,
     q: torch.Tensor,
@@ -86,24 +114,21 @@ def sea_attention(
     record: bool = False,
 ) -> tuple[torch.Tensor, SEAState | None]:
     """SEA attention output (B, H, T, D) in q's dtype, and the layer's state when `record`."""
-    cfg = estimator.cfg
-    B, H, T, D = q.shape
-    S, K, causal = k.shape[2], estimator.K, estimator.causal
-    selectable = selectable_columns(T, S, K, causal, q.device, key_valid)  # (T, K) or (B, 1, T, K)
-    est = estimator(q, k, v, selectable, key_valid)  # logits (B, H, T, K)
-    probs = torch.softmax(est.logits, dim=-1)  # P_hat, SEA.md step 3
-    n_cols, head_cap, span = budget(cfg, H, S)
-    with torch.no_grad():  # top-k is not differentiable (SEA.md, distillation)
-        build = kernels.sparse_index if probs.is_cuda else sparse_index_ref  # Triton on GPU, same result
-        # every row spends H*k keys: causal rows whose columns span fewer keys keep more columns
-        idx = build(probs.detach(), n_cols, head_cap, S, causal, key_valid, n_keys=H * cfg.k,
-                    span=span)  # (B, H, T, w), w = head_cap * span
-    sparse = sparse_attention(q, k, v, idx, scale)  # (B, H, T, D)
-    if cfg.mix:
-        avg = average_context(v, probs, key_valid, causal, H)
-        out = est.mix * est.gain * sparse.float() + (1.0 - est.mix) * avg
-    else:
-        out = sparse.float()
-    out = out.to(q.dtype)
+    out, est, idx, sparse = _sea(estimator, q, k, v, scale, key_valid, None)
     state = SEAState(est, idx, sparse, out, q, k, v, scale, key_valid) if record else None
     return out, state
+
+
+def sea_attention_step(estimator: SEAEstimator, q, k, v, scale: float, key_valid=None, state=None, geometry=None):
+    """Causal SEA attention that carries the estimator's state: the T queries are the last T of S positions and
+    `state` (or None at the start) is what `sea_attention_step` returned after the first S - T positions. Returns
+    (output (B, H, T, D), state after all S): a prefill followed by decode steps gives the rows a single prefill of
+    the whole sequence gives, while each step reads only the new keys into the estimate (the cache is still read
+    by the sparse attention and the average context). `geometry`: mask_geometry(), shared by a model's layers.
+
+    The budget depends on the context length S (SEA.md step 4: k K / S columns per row), so rows equal those of
+    one prefill of the whole sequence wherever that gives the same budget (same ceil(S / K))."""
+    if not estimator.causal:
+        raise ValueError("sea_attention_step is for causal models (bidirectional SEA has no decode state)")
+    out, est, _, _ = _sea(estimator, q, k, v, scale, key_valid, state, geometry)
+    return out, est.state

@@ -28,13 +28,14 @@ _EXP_CLAMP = 30.0  # exp(30) * 64k keys stays far below fp32's max: the prefix s
 class EstimatorOutput:
     """What the estimator returns for one layer."""
 
-    __slots__ = ("logits", "mix", "gain", "features")
+    __slots__ = ("logits", "mix", "gain", "features", "state")
 
-    def __init__(self, logits, mix, gain, features):
+    def __init__(self, logits, mix, gain, features, state=None):
         self.logits = logits  # (B, H, T, K) compressed attention logits, -inf on empty columns
         self.mix = mix  # (B, H, T, 1) share of the sparse context in the output
         self.gain = gain  # (B, H, T, 1) scale of the sparse context (1 at init)
         self.features = features  # (B, H, T, 2D) encoder features
+        self.state = state  # causal: (performer, rows1, rows2) after the last position, see SEAEstimator.forward
 
 
 def _orthogonal_gaussian(m: int, d: int) -> torch.Tensor:
@@ -92,68 +93,86 @@ class SEAEstimator(nn.Module):
         col = torch.clamp(torch.div(positions * self.K, L, rounding_mode="floor"), max=self.K - 1)
         return F.one_hot(col, self.K).float()  # (S, K)
 
-    def performer(self, q, k, v, key_valid=None):
-        """Linear-time attention of q over [v, eye] (SEA.md step 1). Returns (B, H, T, D + K).
+    def performer(self, q, k, v, key_valid=None, state=None):
+        """Linear-time attention of q over [v, eye] (SEA.md step 1). Returns ((B, H, T, D + K), new state).
 
-        q (B, H, T, D); k, v (B, Hkv, S, D); key_valid (B, S) bool or None.
+        q (B, H, T, D); k, v (B, Hkv, S, D); key_valid (B, S) bool or None. Causal only: `state` (B, Hkv, m, W),
+        W = D + K + 1, is the sum of phi(key) [v, eye, 1] over the first S - T keys (a decode step carries it
+        instead of re-reading the whole cache); the new state covers all S keys. Bidirectional: state is None.
         """
         B, H, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         g = H // Hkv
+        first = S - T if (self.causal and state is not None) else 0  # keys not yet in the state
         qf = self._features(q).view(B, Hkv, g, T, self.m)  # (B, Hkv, g, T, m)
-        kf = self._features(k)  # (B, Hkv, S, m)
+        kf = self._features(k[:, :, first:])  # (B, Hkv, S - first, m)
         if key_valid is not None:
-            kf = kf * key_valid[:, None, :, None].to(kf.dtype)
-        pos = torch.arange(S, device=q.device)
-        ones = torch.ones(B, Hkv, S, 1, device=q.device)
-        vals = torch.cat([v.float(), self._eye(pos, S).expand(B, Hkv, S, self.K), ones], dim=-1)  # (B,Hkv,S,D+K+1)
+            kf = kf * key_valid[:, None, first:, None].to(kf.dtype)
+        pos = torch.arange(first, S, device=q.device)
+        n = S - first
+        ones = torch.ones(B, Hkv, n, 1, device=q.device)
+        vals = torch.cat([v[:, :, first:].float(), self._eye(pos, S).expand(B, Hkv, n, self.K), ones], dim=-1)
         if not self.causal:
-            state = kf.transpose(-1, -2) @ vals  # (B, Hkv, m, D+K+1)
-            num = qf @ state.unsqueeze(2)  # (B, Hkv, g, T, D+K+1)
+            kv = kf.transpose(-1, -2) @ vals  # (B, Hkv, m, D+K+1)
+            num, new_state = qf @ kv.unsqueeze(2), None  # (B, Hkv, g, T, D+K+1)
         else:
-            num = self._causal_linear_attention(qf, kf, vals, S - T)
+            off = S - T - first  # keys before query 0 that are not in a state yet (0 when one is given)
+            if state is None:
+                state = kf[:, :, :off].transpose(-1, -2) @ vals[:, :, :off]  # (B, Hkv, m, W)
+            num, new_state = self._causal_linear_attention(qf, kf[:, :, off:], vals[:, :, off:], state)
         num = num.reshape(B, H, T, -1)
-        return num[..., :-1] / num[..., -1:].clamp(min=1e-30)
+        return num[..., :-1] / num[..., -1:].clamp(min=1e-30), new_state
 
-    def _causal_linear_attention(self, qf, kf, vals, offset):
+    def _causal_linear_attention(self, qf, kf, vals, state0):
         """Causal prefix sums in blocks of c tokens, all blocks at once (a handful of launches, not T / c):
         keys of earlier blocks enter through an exclusive prefix sum of per-block (m x W) states, keys of the same
-        block through a (c x c) lower-triangular product. Memory is linear in T; nothing is (T x S)."""
+        block through a (c x c) lower-triangular product, keys before the first query through `state0`.
+        Memory is linear in T; nothing is (T x S). Returns the output (B, Hkv, g, T, W) and the state after the
+        last key."""
         B, Hkv, g, T, m = qf.shape
         W = vals.shape[-1]
-        state0 = kf[:, :, :offset].transpose(-1, -2) @ vals[:, :, :offset]  # (B, Hkv, m, W): keys before query 0
-        c = min(self.cfg.performer_chunk, T)
-        N = -(-T // c)
+        c = torch.sym_min(self.cfg.performer_chunk, T)  # sym_min: T may be a symbolic size under export
+        N = (T + c - 1) // c
         pad = N * c - T
-        kc = F.pad(kf[:, :, offset:], (0, 0, 0, pad)).view(B, Hkv, N, c, m)
-        vc = F.pad(vals[:, :, offset:], (0, 0, 0, pad)).view(B, Hkv, N, c, W)
+        kc = F.pad(kf, (0, 0, 0, pad)).view(B, Hkv, N, c, m)
+        vc = F.pad(vals, (0, 0, 0, pad)).view(B, Hkv, N, c, W)
         qc = F.pad(qf, (0, 0, 0, pad)).view(B, Hkv, g, N, c, m)
         blocks = kc.transpose(-1, -2) @ vc  # (B, Hkv, N, m, W)
         before = blocks.cumsum(2) - blocks + state0.unsqueeze(2)  # exclusive prefix: keys of earlier blocks
         tri = torch.ones(c, c, device=qf.device, dtype=torch.bool).tril()
         scores = (qc @ kc.transpose(-1, -2).unsqueeze(2)) * tri  # (B, Hkv, g, N, c, c)
         out = scores @ vc.unsqueeze(2) + qc @ before.unsqueeze(2)  # (B, Hkv, g, N, c, W)
-        return out.view(B, Hkv, g, N * c, W)[:, :, :, :T]
+        rows = torch.arange(T, device=qf.device)  # index_select, not [:T]: a slice of a padded symbolic length
+        return out.view(B, Hkv, g, N * c, W).index_select(3, rows), state0 + blocks.sum(2)  # is a guard to export
 
     # -- steps 2-3: encoder and decoder CNN ----------------------------------------------------------------------
-    def _conv(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        """3x3 conv over the (T x K/r) image; causal in T (pads only rows above) so row t never sees later rows."""
-        top = 2 if self.causal else 1
-        bottom = 0 if self.causal else 1
-        return conv(F.pad(x, (1, 1, top, bottom)))
+    def _conv(self, conv: nn.Conv2d, x: torch.Tensor, rows=None):
+        """3x3 conv over the (T x K/r) image x (B*H, C, T, K/r). Causal in T: only rows above are padded, so row t
+        never sees later rows; `rows` (B*H, C, 2, K/r) are the two image rows before x (a decode step's state,
+        zeros at the start). Returns the conv output and the image's last two rows (None when bidirectional)."""
+        if not self.causal:
+            return conv(F.pad(x, (1, 1, 1, 1))), None
+        x = F.pad(x, (0, 0, 2, 0)) if rows is None else torch.cat([rows.to(x.dtype), x], dim=2)
+        return conv(F.pad(x, (1, 1, 0, 0))), x[:, :, -2:]
 
-    def forward(self, q, k, v, selectable, key_valid=None) -> EstimatorOutput:
-        """q (B, H, T, D), k/v (B, Hkv, S, D), selectable (T, K) or (B, 1, T, K) bool:
-        columns that hold a real key."""
+    def forward(self, q, k, v, selectable, key_valid=None, state=None) -> EstimatorOutput:
+        """q (B, H, T, D), k/v (B, Hkv, S, D), selectable (T, K) or (B, 1, T, K) bool: columns that hold a real
+        key. Causal models may pass `state` = (performer (B, Hkv, m, W), rows1, rows2 (B, H, C, 2, K/r)): what the
+        first S - T positions left (EstimatorOutput.state is the same after all S)."""
         B, H, T, D = q.shape
-        ctx = self.performer(q, k, v, key_valid)  # (B, H, T, D+K)
+        perf, rows1, rows2 = state if state is not None else (None, None, None)
+        ctx, perf = self.performer(q, k, v, key_valid, perf)  # (B, H, T, D+K)
         x = torch.cat([ctx, F.normalize(q.float(), dim=-1)], dim=-1)
         feat = self.encoder(self.in_norm(x)) + self.head_embed[:, None, :]  # (B, H, T, 2D)
         img = self.to_rows(feat).view(B * H, T, self.C, -1).permute(0, 2, 1, 3)  # (B*H, C, T, K/r)
-        img = img + F.gelu(self._conv(self.conv1, img))
-        img = self.norm(img)
-        sub = self._conv(self.conv2, img)  # (B*H, r, T, K/r)
+        flat = (lambda r: None if r is None else r.reshape(B * H, self.C, 2, -1))
+        y, rows1 = self._conv(self.conv1, img, flat(rows1))
+        img = self.norm(img + F.gelu(y))
+        sub, rows2 = self._conv(self.conv2, img, flat(rows2))  # (B*H, r, T, K/r)
         logits = sub.permute(0, 2, 3, 1).reshape(B, H, T, self.K)  # pixel shuffle: column j*r + i <- channel i
         logits = logits.masked_fill(~selectable, float("-inf"))
         mix, gain = torch.sigmoid(self.mixer(feat)).unbind(-1)
-        return EstimatorOutput(logits, mix.unsqueeze(-1), 2.0 * gain.unsqueeze(-1), feat)
+        out = EstimatorOutput(logits, mix.unsqueeze(-1), 2.0 * gain.unsqueeze(-1), feat)
+        if self.causal:
+            out.state = (perf, rows1.reshape(B, H, self.C, 2, -1), rows2.reshape(B, H, self.C, 2, -1))
+        return out

@@ -233,3 +233,35 @@ def test_budget_length_fixes_the_layout_not_the_result():
     assert torch.equal(narrow, wide) and (st.idx[..., narrow.shape[-1]:] == -1).all()
     with pytest.raises(ValueError, match="narrower"):
         sparse_index_ref(probs, n_cols, head_cap, T, True, span=4)
+
+
+@pytest.mark.parametrize("chunk", [128, 7], ids=["chunk128", "chunk7"])
+def test_decode_steps_carry_the_state_of_a_prefill(chunk):
+    """sea_attention_step: a prefill of 66 positions then one step per position (the Performer prefix sums and the
+    decoder CNN's last rows carried as state) gives the rows of one prefill of all 90, with padding on one row.
+    K = 32: every S in 65..96 has the same budget (columns of up to 3 keys), which decode and prefill then share."""
+    from sea_edge.attention import sea_attention_step
+
+    torch.manual_seed(0)
+    B, H, Hkv, D, S, P = 2, 6, 2, 32, 90, 66
+    cfg = SEAConfig(k=8, compressed_width=32, performer_chunk=chunk).resolve(True, D)
+    est = SEAEstimator(cfg, D, H, 512).eval()
+    with torch.no_grad():  # a non-trivial decoder (fresh weights start near zero)
+        for p in est.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    q, k, v = torch.randn(B, H, S, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[1, :9] = False
+    with torch.no_grad():
+        full, end_state = sea_attention_step(est, q, k, v, D**-0.5, valid)
+        ref, _ = sea_attention(est, q, k, v, D**-0.5, valid)
+        assert torch.equal(full, ref)  # same rows as the stateless layer
+        out, state = sea_attention_step(est, q[:, :, :P], k[:, :, :P], v[:, :, :P], D**-0.5, valid[:, :P])
+        rows = [out]
+        for t in range(P, S):
+            o, state = sea_attention_step(est, q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], D**-0.5,
+                                          valid[:, :t + 1], state)
+            rows.append(o)
+    assert_rel_err(torch.cat(rows, dim=2), full, 1e-5, "prefill + decode steps")
+    for a, b in zip(state, end_state):
+        assert_rel_err(a, b, 1e-5, "state after the last step")
