@@ -174,6 +174,63 @@ def distill_(
                   f"final loss {last.get('loss', float('nan')):.4f}; estimator in {r.out}", highlight=False)
 
 
+class Quant(str, Enum):
+    none = "none"
+    int8 = "int8"
+    int4 = "int4"
+    nf4 = "nf4"
+
+
+@app.command("export")
+@user_errors
+def export_(
+    out: Annotated[Path, typer.Option(help="Output folder: model.onnx (+ decode.onnx), weights, sea_edge.json, "
+                                           "tokenizer.")],
+    model: Annotated[str, typer.Option(help="Teacher name or local Hugging Face model directory.")] = "smollm2-135m",
+    estimator: Annotated[str, typer.Option(help="Estimator folder, or 'default' (embedded in the package).")]
+    = "default",
+    quant: Annotated[Quant, typer.Option(help="Weight quantization of the exported model.")] = Quant.none,
+    opset: Annotated[int, typer.Option(help="ONNX opset (18 runs on onnxruntime >= 1.16).")] = 18,
+    force: Annotated[bool, typer.Option(help="Replace an existing non-empty --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """The main job: teacher + SEA estimator -> one ONNX model (attention = sea_edge::SparseAttention), validated
+    against torch, with its manifest and tokenizer."""
+    from sea_edge.export.exporter import ExportConfig, export
+
+    r = export(ExportConfig(out=out, model=model, estimator=estimator, quant=quant.value, opset=opset, force=force),
+               progress=progress)
+    _stdout.print(_export_table(r), highlight=False)
+
+
+def _export_table(r):
+    from rich.table import Table
+
+    m, v = r.manifest, r.validation
+    table = Table(title=f"exported {m['source_model']['name']} with SEA (k={m['sea_config']['k']}) to {r.out}",
+                  show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    size = sum(f["bytes"] for f in m["files"].values())
+    pre, dec, opt = v["prefill"], v["decode"], v["prefill_ort_optimized"]
+    rows = [
+        ("files", f"{len(m['files'])}, {size / 2**20:,.1f} MiB"),
+        ("quantization", m["quantization"]["scheme"]),
+        ("opset", str(m["opset"])),
+        ("export time (s)", f"{r.seconds:.0f}"),
+        ("validation text", v["text"]),
+        ("prefill: top-1 agreement ORT vs torch", f"{pre['top1_agreement']:.2%}"),
+        ("prefill: max |logit diff|", f"{pre['max_abs_logit_diff']:.2e}"),
+        (f"decode ({dec['steps']} steps after {dec['prefix']}): top-1 agreement", f"{dec['top1_agreement']:.2%}"),
+        ("decode: max |logit diff|", f"{dec['max_abs_logit_diff']:.2e}"),
+        ("ORT optimized prefill: agreement / max diff",
+         f"{opt['top1_agreement']:.2%} / {opt['max_abs_logit_diff']:.2e}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
 @app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @user_errors
 def bench_(

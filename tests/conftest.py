@@ -22,3 +22,13 @@ def minilm():
     from sea_edge.teacher import load_teacher
 
     return load_teacher("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def exported_default(tmp_path_factory):
+    """The main job on the default model, run once per session: `export(ExportConfig(out=...))` with the default
+    teacher and its embedded estimator (fp32, opset 18). Returns the ExportResult (folder in .out). Several minutes
+    on 2 cores; every export/runtime/budget test shares it."""
+    from sea_edge.export.exporter import ExportConfig, export
+
+    return export(ExportConfig(out=tmp_path_factory.mktemp("export") / "smollm2-sea"))

@@ -1,0 +1,132 @@
+"""torch.onnx (dynamo) export of the prefill and decode graphs, and saving them with one shared weights file."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from .model import STATE_KINDS, LlamaDecode, LlamaPrefill, io_names
+from .onnx_ops import attach_functions, custom_translation_table
+
+__all__ = ["example_inputs", "export_decode", "export_prefill", "graph_manifest", "model_dims", "save_pair"]
+
+_EXAMPLE_B, _EXAMPLE_T, _EXAMPLE_PAST = 2, 33, 17  # not 0 or 1: torch.export would specialise those sizes
+
+
+def model_dims(model) -> dict:
+    c = model.config
+    est = model.model.layers[0].self_attn.sea
+    return {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "vocab_size": c.vocab_size,
+            "n_features": est.m, "compressed_width": est.K, "decoder_channels": est.C,
+            "decoder_ratio": est.cfg.decoder_ratio, "tie_word_embeddings": bool(c.tie_word_embeddings)}
+
+
+def state_shapes(model) -> dict[str, list]:
+    """Symbolic shape of each per-layer state tensor (B batch, S positions so far)."""
+    c = model.config
+    est = model.model.layers[0].self_attn.sea
+    H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, est.D
+    return {"key": ["batch", Hkv, "past_sequence_length", D], "value": ["batch", Hkv, "past_sequence_length", D],
+            "sea_state": ["batch", Hkv, est.m, D + est.K + 1],
+            "sea_rows1": ["batch", H, est.C, 2, est.K // est.cfg.decoder_ratio],
+            "sea_rows2": ["batch", H, est.C, 2, est.K // est.cfg.decoder_ratio]}
+
+
+def graph_manifest(model) -> dict:
+    n = model.config.num_hidden_layers
+    pin, pout = io_names(n, decode=False)
+    din, dout = io_names(n, decode=True)
+    return {"prefill": {"file": "model.onnx", "inputs": pin, "outputs": pout},
+            "decode": {"file": "decode.onnx", "inputs": din, "outputs": dout},
+            "n_layers": n, "state_kinds": list(STATE_KINDS), "state_shapes": state_shapes(model)}
+
+
+def example_inputs(model, B: int, T: int, past: int = 0):
+    """Real-shaped example inputs (random tokens) for tracing: prefill (past = 0) or decode (T = 1)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g)
+    mask = torch.ones(B, past + T, dtype=torch.int64)
+    pos = torch.arange(past, past + T).expand(B, T).contiguous()
+    return ids, mask, pos
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints its progress and a few warnings on every export; keep the user's terminal for ours."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _export(module, args, dynamic_shapes, names, opset: int) -> onnx.ModelProto:
+    """torch.onnx dynamo export. optimize=False: onnxscript's rewriter took half the export time (minutes for 30
+    layers on 2 cores) for rewrites onnxruntime's own graph optimizer does again when a session opens."""
+    ins, outs = names
+    with _quiet(), torch.no_grad():
+        prog = torch.onnx.export(module, args, dynamo=True, input_names=ins, output_names=outs,
+                                 dynamic_shapes=dynamic_shapes, custom_translation_table=custom_translation_table(),
+                                 opset_version=opset, optimize=False)
+    proto = prog.model_proto
+    proto.ir_version = min(proto.ir_version, 9 if opset <= 20 else 10)  # IR 9: onnxruntime >= 1.16 reads it
+    return attach_functions(proto, opset)
+
+
+def export_prefill(model, opset: int) -> onnx.ModelProto:
+    n = model.config.num_hidden_layers
+    B = torch.export.Dim("batch", min=1, max=1024)
+    T = torch.export.Dim("sequence_length", min=1, max=model.config.max_position_embeddings)
+    args = example_inputs(model, _EXAMPLE_B, _EXAMPLE_T)
+    return _export(LlamaPrefill(model).eval(), args, ({0: B, 1: T},) * 3, io_names(n, False), opset)
+
+
+def export_decode(model, opset: int) -> onnx.ModelProto:
+    n = model.config.num_hidden_layers
+    B = torch.export.Dim("batch", min=1, max=1024)
+    P = torch.export.Dim("past_sequence_length", min=1, max=model.config.max_position_embeddings - 1)
+    ids, mask, pos = example_inputs(model, _EXAMPLE_B, 1, _EXAMPLE_PAST)
+    with torch.no_grad():  # a real state to trace with: the prefill of the example's past
+        out = LlamaPrefill(model).eval()(*example_inputs(model, _EXAMPLE_B, _EXAMPLE_PAST))
+    past = tuple(out[1:])
+    per_layer = [{0: B, 2: P}, {0: B, 2: P}, {0: B}, {0: B}, {0: B}]
+    dyn = ({0: B}, {0: B, 1: P + 1}, {0: B}, tuple(per_layer * n))  # *past_flat is one tuple argument
+    return _export(LlamaDecode(model).eval(), (ids, mask, pos, *past), dyn, io_names(n, True), opset)
+
+
+def _digest(t: onnx.TensorProto) -> str:
+    return hashlib.sha256(onnx.numpy_helper.to_array(t).tobytes()).hexdigest()
+
+
+def save_pair(prefill: onnx.ModelProto, decode: onnx.ModelProto, prefill_path: Path, decode_path: Path,
+              weights: str) -> None:
+    """Save both graphs with every weight of the prefill graph in one external file, `weights`, and make the decode
+    graph point into that same file for each weight it shares (same name, same bytes): one copy on disk."""
+    folder = Path(prefill_path).parent
+    digests = {t.name: _digest(t) for t in prefill.graph.initializer}  # before saving: it moves the bytes out
+    onnx.save_model(prefill, str(prefill_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=weights, size_threshold=1024)
+    stored = onnx.load(str(prefill_path), load_external_data=False)
+    where = {t.name: list(t.external_data) for t in stored.graph.initializer
+             if t.data_location == onnx.TensorProto.EXTERNAL}
+    for t in decode.graph.initializer:
+        if t.name in where and t.HasField("raw_data") and digests.get(t.name) == _digest(t):
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            t.external_data.extend(where[t.name])
+    rest = sum(t.ByteSize() for t in decode.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
+    if rest > (1 << 20):  # decode-only weights (folded constants): their own file
+        onnx.save_model(decode, str(decode_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=Path(decode_path).name + ".data", size_threshold=1024,
+                        convert_attribute=False)
+    else:
+        with open(decode_path, "wb") as f:
+            f.write(decode.SerializeToString())
+    assert (folder / weights).exists()

@@ -1,0 +1,234 @@
+"""SEA's ops in ONNX.
+
+- `sea_edge::SparseAttention` (domain "sea_edge", version 1): inputs q (B, Hq, T, D), k, v (B, Hkv, S, D),
+  idx (B, Hq, T, w) int32 (-1 = empty slot); attribute `scale`; output (B, Hq, T, D) in q's type. The layout and
+  semantics of kernels/reference.py. Its schema is registered with onnx (so the checker and shape inference know
+  it) and its CPU fallback ships in the model as an ONNX local function (a FunctionProto with the reference
+  decomposition), so a stock onnxruntime runs the file with no plugin while a registered kernel for the op (our
+  Triton one on GPU) takes priority.
+- The mask construction (grouped top-k and interpolation, `sea_edge::sparse_index` in torch) is translated into
+  standard ONNX ops, identical to kernels.reference.sparse_index_ref: ONNX TopK breaks ties towards the lower index,
+  which is exactly the stable sort the reference uses.
+
+The translations plug into the torch.onnx dynamo exporter through `custom_translation_table()`.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+__all__ = [
+    "DOMAIN",
+    "OP",
+    "ROW_CHUNK",
+    "VERSION",
+    "attach_functions",
+    "custom_translation_table",
+    "register_schema",
+    "sparse_attention_function",
+]
+
+DOMAIN, VERSION, OP = "sea_edge", 1, "SparseAttention"
+ROW_CHUNK = 64
+"""Query rows per step of the fallback's Scan: the gathered keys of a step, (B, Hq, 64, w, D) fp32, bound its memory
+(about 38 MB for SmolLM2 at w = 128), where gathering all rows at once would cost T / 64 times that."""
+
+
+def register_schema() -> None:
+    """Register the op's schema with onnx (idempotent)."""
+    if onnx.defs.has(OP, DOMAIN):
+        return
+    P = onnx.defs.OpSchema.FormalParameter
+    schema = onnx.defs.OpSchema(
+        OP, DOMAIN, VERSION,
+        doc="Attention of each query row over the keys listed in idx (-1 = empty slot), softmax(q.k*scale) @ v; "
+            "grouped-query heads (query head h reads key/value head h // (Hq / Hkv)); a row without keys is 0.",
+        inputs=[P("q", "T", "(B, Hq, T, D)"), P("k", "T", "(B, Hkv, S, D)"), P("v", "T", "(B, Hkv, S, D)"),
+                P("idx", "I", "(B, Hq, T, w) key indices, -1 = empty")],
+        outputs=[P("output", "T", "(B, Hq, T, D)")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types"),
+                          ("I", ["tensor(int32)", "tensor(int64)"], "index types")],
+        attributes=[onnx.defs.OpSchema.Attribute("scale", onnx.defs.OpSchema.AttrType.FLOAT, "softmax scale")],
+    )
+    onnx.defs.register_schema(schema)
+
+
+class _Builder:
+    """A few helpers over onnx.helper for writing a node list by hand (1-d int64 shapes everywhere)."""
+
+    def __init__(self, prefix: str):
+        self.nodes: list[onnx.NodeProto] = []
+        self.prefix, self.n = prefix, 0
+
+    def __call__(self, op_type: str, *inputs: str, n_out: int = 1, **attrs):
+        outs = [f"{self.prefix}{self.n}_{i}" for i in range(n_out)]
+        self.n += 1
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, dtype=TensorProto.INT64):
+        t = helper.make_tensor(f"{self.prefix}c{self.n}", dtype, [len(value)] if isinstance(value, list) else [],
+                               value if isinstance(value, list) else [value])
+        return self("Constant", value=t)
+
+    def dim(self, shape: str, i: int) -> str:
+        """shape[i] as a 1-d int64 tensor of one element."""
+        return self("Slice", shape, self.const([i]), self.const([i + 1]))
+
+
+def sparse_attention_function(opset: int) -> onnx.FunctionProto:
+    """The reference decomposition of SparseAttention as a FunctionProto: rows are processed ROW_CHUNK at a time by
+    a Scan (keys gathered per row with GatherND, softmax in fp32, empty rows 0)."""
+    b = _Builder("sa_")
+    qf, kf, vf = (b("Cast", x, to=TensorProto.FLOAT) for x in ("q", "k", "v"))
+    shq, shk = b("Shape", "q"), b("Shape", "k")
+    B, H, T, D = (b.dim(shq, i) for i in range(4))
+    Hkv, S = b.dim(shk, 1), b.dim(shk, 2)
+    g = b("Div", H, Hkv)
+    one, zero = b.const([1]), b.const([0])
+    # (B, Hkv, S, D) -> (B, Hq, S, D): query head h reads key/value head h // g
+    kh, vh = (b("Reshape", b("Expand", b("Unsqueeze", x, b.const([2])), b("Concat", B, Hkv, g, S, D, axis=0)),
+                b("Concat", B, H, S, D, axis=0)) for x in (kf, vf))
+    c = b("Min", T, b.const([ROW_CHUNK]))
+    N = b("Div", b("Sub", b("Add", T, c), one), c)
+    pad = b("Sub", b("Mul", N, c), T)
+    rows = b("Concat", b.const([0, 0, 0, 0, 0, 0]), pad, zero, axis=0)  # pads: only the end of the T axis
+    idx64 = b("Cast", "idx", to=TensorProto.INT64)
+    qp = b("Reshape", b("Pad", qf, rows), b("Concat", B, H, N, c, D, axis=0))  # (B, H, N, c, D)
+    w = b.dim(b("Shape", "idx"), 3)
+    ip = b("Reshape", b("Pad", idx64, rows, b.const(-1)), b("Concat", B, H, N, c, w, axis=0))  # (B, H, N, c, w)
+    scale_node = helper.make_node("Constant", [], ["sa_scale"])  # value_float = the function's `scale`
+    scale_node.attribute.append(helper.make_attribute_ref("value_float", onnx.AttributeProto.FLOAT))
+    scale_node.attribute[0].ref_attr_name = "scale"
+    b.nodes.append(scale_node)
+
+    # Scan body: one block of rows. Outer-scope values (kh, vh, sa_scale) are read directly.
+    s = _Builder("sb_")
+    shi = s("Shape", "ic")
+    bB, bH, bc, bw = (s.dim(shi, i) for i in range(4))
+    valid = s("GreaterOrEqual", "ic", s.const(0))
+    flat = s("Reshape", s("Max", "ic", s.const(0)), s("Concat", bB, bH, s.const([-1, 1]), axis=0))  # (B, H, c*w, 1)
+    bD = s.dim(s("Shape", kh), 3)
+    shape5 = s("Concat", bB, bH, bc, bw, bD, axis=0)
+    kg = s("Reshape", s("GatherND", kh, flat, batch_dims=2), shape5)  # (B, H, c, w, D)
+    vg = s("Reshape", s("GatherND", vh, flat, batch_dims=2), shape5)
+    qc = s("Unsqueeze", "qc", s.const([3]))  # (B, H, c, 1, D)
+    logits = s("Mul", s("Squeeze", s("MatMul", qc, s("Transpose", kg, perm=[0, 1, 2, 4, 3])), s.const([3])),
+               "sa_scale")  # (B, H, c, w)
+    logits = s("Where", valid, logits, s.const(float("-inf"), TensorProto.FLOAT))
+    p = s("Softmax", logits, axis=-1)
+    p = s("Where", s("IsNaN", p), s.const(0.0, TensorProto.FLOAT), p)  # a row with no key at all -> 0
+    out = s("Squeeze", s("MatMul", s("Unsqueeze", p, s.const([3])), vg), s.const([3]))  # (B, H, c, D)
+    s.nodes.append(helper.make_node("Identity", [out], ["oc"]))
+    body = helper.make_graph(
+        s.nodes, "sparse_attention_rows",
+        [helper.make_tensor_value_info("qc", TensorProto.FLOAT, ["B", "H", "c", "D"]),
+         helper.make_tensor_value_info("ic", TensorProto.INT64, ["B", "H", "c", "w"])],
+        [helper.make_tensor_value_info("oc", TensorProto.FLOAT, ["B", "H", "c", "D"])],
+    )
+    o = b("Scan", qp, ip, body=body, num_scan_inputs=2, scan_input_axes=[2, 2], scan_output_axes=[2])
+    o = b("Reshape", o, b("Concat", B, H, b("Mul", N, c), D, axis=0))
+    o = b("Slice", o, zero, T, b.const([2]))
+    b.nodes.append(helper.make_node("CastLike", [o, "q"], ["output"]))
+    return helper.make_function(
+        DOMAIN, OP, ["q", "k", "v", "idx"], ["output"], b.nodes,
+        opset_imports=[helper.make_opsetid("", opset)], attributes=["scale"],
+    )
+
+
+def attach_functions(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Add the SparseAttention function body and the sea_edge opset import to an exported model (in place)."""
+    keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP)]
+    del model.functions[:]
+    model.functions.extend([*keep, sparse_attention_function(opset)])
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
+    return model
+
+
+# -- torch.onnx (dynamo) translations -----------------------------------------------------------------------------
+
+def custom_translation_table() -> dict:
+    """{torch op overload: onnxscript translation} for torch.onnx.export(..., custom_translation_table=...)."""
+    import onnxscript
+    import sea_edge.kernels  # noqa: F401  (registers the torch ops)
+    import torch
+    from onnxscript import opset18 as op
+
+    register_schema()  # onnxscript looks the op up in onnx's schema registry
+    sea = onnxscript.values.Opset(DOMAIN, VERSION)
+    INT64, FLOAT = onnxscript.INT64.dtype, onnxscript.FLOAT.dtype
+
+    def ints(*v):
+        return op.Constant(value_ints=list(v))
+
+    def i64(x):
+        """A python int or a symbolic size (an int64 value of the graph) -> 1-d int64 of one element."""
+        if isinstance(x, int):
+            return op.Constant(value_ints=[x])
+        return op.Reshape(op.Cast(x, to=INT64), op.Constant(value_ints=[1]))
+
+    def sparse_attention(q, k, v, idx, scale: float):
+        return sea.SparseAttention(q, k, v, idx, scale=float(scale))
+
+    def sparse_index(probs, key_valid, n_cols, head_cap, S, causal: bool, n_keys: int, span):
+        """kernels.reference.sparse_index_ref in ONNX: select_columns_ref then expand_columns_ref."""
+        shp = op.Shape(probs)
+        B, H, T, K = (op.Slice(shp, ints(i), ints(i + 1)) for i in range(4))
+        S, n_cols, head_cap, span = i64(S), i64(n_cols), i64(head_cap), i64(span)
+        one = op.Constant(value_ints=[1])
+        Ts, Ss, Ks = (op.Squeeze(x) for x in (T, S, K))
+        # L per query row: the keys its K columns span
+        if causal:
+            L = op.Range(op.Add(op.Sub(Ss, Ts), op.Constant(value_int=1)), op.Add(Ss, op.Constant(value_int=1)),
+                         op.Constant(value_int=1))
+        else:
+            L = op.Expand(S, T)
+        Lc = op.Unsqueeze(L, ints(1))  # (T, 1)
+        j = op.Range(op.Constant(value_int=0), Ks, op.Constant(value_int=1))  # (K,)
+        selectable = op.Greater(op.Div(op.Mul(op.Add(j, op.Constant(value_int=1)), Lc), Ks), op.Div(op.Mul(j, Lc), Ks))  # (T, K)
+        p = op.Where(selectable, op.Cast(probs, to=FLOAT), op.Constant(value_float=float("-inf")))
+        # (1) each head's top c columns; (2) the top n_row of the H*c candidates of a token, head-major
+        c = op.Min(head_cap, K)
+        vals, cols = op.TopK(p, c, axis=-1, largest=1, sorted=1)  # (B, H, T, c)
+        flat = op.Reshape(op.Transpose(vals, perm=[0, 2, 1, 3]), op.Concat(B, T, ints(-1), axis=0))  # (B, T, H*c)
+        Hc = op.Mul(H, c)
+        _, order = op.TopK(flat, Hc, axis=-1, largest=1, sorted=1)
+        if n_keys > 0:  # reference.row_columns: rows whose columns span fewer keys keep more of them
+            n_row = op.Max(op.Div(op.Constant(value_int=n_keys), op.Div(op.Sub(op.Add(L, Ks), op.Constant(value_int=1)), Ks)),
+                           op.Constant(value_int=1))
+        else:
+            n_row = op.Expand(n_cols, T)
+        rank = op.Range(op.Constant(value_int=0), op.Squeeze(Hc), op.Constant(value_int=1))  # (H*c,)
+        in_budget = op.Cast(op.Less(op.Unsqueeze(rank, ints(0)), op.Unsqueeze(n_row, ints(1))), to=INT64)  # (T, H*c)
+        keep = op.ScatterElements(op.Expand(op.Constant(value_int=0), op.Shape(flat)), order,
+                                  op.Expand(in_budget, op.Shape(flat)), axis=-1)
+        keep = op.And(op.Cast(keep, to=onnxscript.BOOL.dtype),
+                      op.Greater(flat, op.Constant(value_float=float("-inf"))))
+        keep = op.Transpose(op.Reshape(keep, op.Concat(B, T, H, c, axis=0)), perm=[0, 2, 1, 3])  # (B, H, T, c)
+        cols = op.Where(keep, cols, Ks)
+        cols, _ = op.TopK(cols, c, axis=-1, largest=0, sorted=1)  # ascending, unused (= K) last
+        cols = op.Where(op.Equal(cols, Ks), op.Constant(value_int=-1), cols)
+        # interpolation: column j of a row covers keys [floor(j L / K), floor((j + 1) L / K))
+        colc = op.Max(cols, op.Constant(value_int=0))
+        L4 = op.Reshape(L, op.Constant(value_ints=[1, 1, -1, 1]))
+        start = op.Div(op.Mul(colc, L4), Ks)
+        end = op.Div(op.Mul(op.Add(colc, op.Constant(value_int=1)), L4), Ks)
+        key = op.Add(op.Unsqueeze(start, ints(-1)), op.Range(op.Constant(value_int=0), op.Squeeze(span),
+                                                          op.Constant(value_int=1)))  # (B, H, T, c, span)
+        ok = op.And(op.Unsqueeze(op.GreaterOrEqual(cols, op.Constant(value_int=0)), ints(-1)), op.Less(key, op.Unsqueeze(end, ints(-1))))
+        if key_valid is not None:
+            kv = op.Cast(key_valid, to=INT64)  # (B, S)
+            got = op.GatherElements(kv, op.Reshape(op.Min(key, op.Sub(S, one)), op.Concat(B, ints(-1), axis=0)),
+                                    axis=1)
+            ok = op.And(ok, op.Cast(op.Reshape(got, op.Shape(key)), to=onnxscript.BOOL.dtype))
+        w = op.Mul(c, span)
+        key = op.Reshape(op.Where(ok, key, Ss), op.Concat(B, H, T, w, axis=0))
+        key, _ = op.TopK(key, w, axis=-1, largest=0, sorted=1)  # valid keys ascending, holes (= S) last
+        return op.Cast(op.Where(op.Equal(key, Ss), op.Constant(value_int=-1), key), to=onnxscript.INT32.dtype)
+
+    return {
+        torch.ops.sea_edge.sparse_attention.default: sparse_attention,
+        torch.ops.sea_edge.sparse_index.default: sparse_index,
+    }
