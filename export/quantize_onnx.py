@@ -1,0 +1,313 @@
+"""Weight-only quantization of an exported ONNX graph's Linear weights, with exactly the numbers of
+`sea_edge.quantize` (same quantizer, same blocks: along the reduction dimension, `block_size` weights per scale).
+
+What torch.onnx (dynamo=True, torch 2.13, opset 20) emits for nn.Linear:
+- a 2-D input: Gemm(x, W, b; transB=1), W the (N, K) parameter itself, named like its state_dict key ("0.weight");
+- a higher-rank input: MatMul(x, Wt) [+ Add(b)], Wt a folded (K, N) transpose named "val_<i>"; the module path
+  survives only in the node's metadata (the last but one entry of "pkg.torch.onnx.name_scopes").
+Each weight is named here "<module path>.weight" when the metadata gives the path (the state_dict key, and the key of
+`sea_edge.quantize.quantized_state`), else by its initializer's name.
+
+Rewrites (every other node, the model-local functions and the other domains' opset imports are left as they are):
+- int8, int4: W -> DequantizeLinear(codes, scales; axis = the reduction axis of W, block_size) whose output feeds the
+  same MatMul / Gemm input. Codes are an INT8 / INT4 initializer, scales fp32 with ceil(K / B) entries along the axis
+  (the last block of a row may be short, as in sea_edge.quantize). Blocked DequantizeLinear and INT4 need the default
+  domain at opset >= 21: an import of 18-20 is raised to 21 unless the graph holds an op whose meaning changed on the
+  way (GroupNormalization, DFT, GridSample), which is refused; below 18, re-export.
+- nf4: MatMul / Gemm -> com.microsoft.MatMulBnb4(x, codes, absmax; K, N, block_size, quant_type=1) [+ Add(C) for a Gemm
+  bias]. MatMulBnb4 reads the flattened (N, K) weight with flat element 2j in the high nibble and one absmax per block
+  of the flat index (onnxruntime contrib_ops/cpu/quantization/blockwise_quant_block_bnb4.h): bitsandbytes'
+  quantize_4bit layout as it is, so its packed codes go in unchanged.
+
+Only nodes of the main graph are rewritten (weights used inside a subgraph or by any other node are left as fp32).
+
+Same numbers: quantized here (on CPU), a weight gets the codes and scales that sea_edge.quantize gives it on CPU.
+On CUDA, bitsandbytes' int8 kernel breaks near-ties differently in ~0.1 % of the codes: to export a model quantized
+there, pass `weights=quantized_state(model)`.
+
+In onnxruntime (1.32, CPU): with graph optimizations on, DequantizeLinear (int8 or int4, axis 0) + MatMul is fused
+into MatMulNBits, whose default accuracy level 4 quantizes the activations to int8 as well (~1e-2 relative error);
+the session config entry "session.qdq_matmulnbits_accuracy_level" = "1" keeps them fp32 (~1e-7). A Gemm reading a
+DequantizeLinear is not fused. MatMulBnb4's CPU kernel dequantizes the whole weight to fp32 on every call, then runs
+an fp32 GEMM: nf4 saves file size and resident memory, not time.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from sea_edge.quantize import check_scheme, quantize_to_numpy
+
+__all__ = ["DQ_OPSET", "WeightReport", "quantize_matmul_weights"]
+
+DQ_OPSET = 21  # DequantizeLinear with block_size, and the INT4 type
+_MS_DOMAIN = "com.microsoft"
+_NF4 = 1  # MatMulBnb4 quant_type: 0 FP4, 1 NF4
+# default-domain ops whose meaning changed between opset 18 and 21 (the rest only gained types or attributes)
+_CHANGED = {"GroupNormalization": 21, "DFT": 20, "GridSample": 20}
+
+
+@dataclass(frozen=True)
+class WeightReport:
+    """One rewritten weight."""
+
+    name: str  # "<module path>.weight", or the initializer's name
+    initializer: str  # the fp32 initializer it replaced
+    shape: tuple[int, int]  # (N, K) = (out, in), torch layout
+    scheme: str
+    block_size: int
+    bytes_before: int  # fp32 weight
+    bytes_after: int  # codes + scales
+
+
+def _weight_name(node: onnx.NodeProto, init_name: str) -> str:
+    meta = {p.key: p.value for p in node.metadata_props}
+    try:
+        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+    except (ValueError, SyntaxError):
+        scopes = []
+    if init_name.endswith(".weight") or len(scopes) < 2 or not scopes[-2]:
+        return init_name
+    return f"{scopes[-2]}.weight"
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _subgraph_uses(graph: onnx.GraphProto) -> set[str]:
+    """Names read by nodes of the subgraphs (If / Loop / Scan bodies) under `graph`, at any depth."""
+    used = set()
+    for node in graph.node:
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                used.update(i for n in g.node for i in n.input)
+                used |= _subgraph_uses(g)
+    return used
+
+
+def _reduction_axis(node: onnx.NodeProto) -> int | None:
+    """Axis of the weight (input 1) that the node sums over, or None if this node is not a plain x @ W."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "MatMul":
+        return 0  # W is (K, N)
+    if node.op_type == "Gemm":
+        return 1 if _attrs(node).get("transB", 0) else 0
+    return None
+
+
+def _nf4_ok(node: onnx.NodeProto) -> bool:
+    """MatMulBnb4 computes A @ W^T, nothing more: a Gemm must not transpose A nor scale anything."""
+    if node.op_type == "MatMul":
+        return True
+    a = _attrs(node)
+    return a.get("transA", 0) == 0 and a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0
+
+
+class _Names:
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.taken = {i.name for i in g.initializer} | {v.name for v in (*g.input, *g.output, *g.value_info)}
+        self.taken |= {o for n in g.node for o in n.output} | {n.name for n in g.node}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        return name
+
+
+def _default_opset(model: onnx.ModelProto) -> onnx.OperatorSetIdProto | None:
+    return next((o for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _raise_opset(model: onnx.ModelProto) -> None:
+    """The model's default-domain import to >= DQ_OPSET, where that keeps the meaning of every node."""
+    imp = _default_opset(model)
+    if imp is None:
+        model.opset_import.append(helper.make_opsetid("", DQ_OPSET))
+        return
+    version = imp.version
+    if version >= DQ_OPSET:
+        return
+    if version < 18:
+        raise ValueError(f"default-domain opset {version} < 18: re-export the model with opset >= 18 (21 best) "
+                         f"before adding blocked DequantizeLinear (opset {DQ_OPSET})")
+
+    def ops(graph):
+        for n in graph.node:
+            yield n
+            for a in n.attribute:
+                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    yield from ops(g)
+
+    # local functions keep their own opset imports (the checker and onnxruntime accept a function at 20 in a model
+    # at 21), so only the main graph and its subgraphs are read in the new version
+    found = {n.op_type for n in ops(model.graph)
+             if n.domain in ("", "ai.onnx") and version < _CHANGED.get(n.op_type, 0)}
+    if found:
+        raise ValueError(f"raising opset {version} to {DQ_OPSET} for DequantizeLinear would change the meaning of "
+                         f"{', '.join(sorted(found))}: re-export with opset {DQ_OPSET}")
+    imp.version = DQ_OPSET
+
+
+def _add_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
+    if not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def _codes_tensor(codes: np.ndarray, scheme: str, name: str) -> TensorProto:
+    if scheme == "int4":
+        import ml_dtypes  # onnx's own dependency for its 4-bit types
+
+        return numpy_helper.from_array(codes.astype(ml_dtypes.int4), name)  # packed 2 per byte, first in low nibble
+    return numpy_helper.from_array(codes.astype(np.int8 if scheme == "int8" else np.uint8), name)
+
+
+def quantize_matmul_weights(
+    model: onnx.ModelProto,
+    scheme: str,
+    block_size: int,
+    names: Collection[str] | Callable[[str], bool] | None = None,
+    min_size: int = 0,
+    weights: Mapping[str, dict] | None = None,
+) -> list[WeightReport]:
+    """Quantize (in place) the fp32 weights of `model`'s MatMul and Gemm nodes. Returns one report per weight.
+
+    scheme "int8" | "int4" | "nf4", block_size: as sea_edge.quantize's configs (ValueError otherwise).
+    names: which weights (see the module docstring for how they are named): None = every eligible one (or, when
+        `weights` is given, exactly its keys), a collection of names (each must be found and eligible), or a predicate.
+    min_size: leave weights of fewer elements in fp32.
+    weights: `sea_edge.quantize.quantized_state(torch_model)` to write a quantized torch model's own numbers; without
+        it each weight is quantized here by the same function, which gives the same numbers on CPU.
+    A weight is eligible when it is a 2-D fp32 initializer (not also a graph input or output) read only as input 1
+    of MatMul / Gemm nodes of the main graph (for nf4: Gemm without transA, alpha or beta).
+    """
+    check_scheme(scheme, block_size)
+    if names is None and weights is not None:
+        names = set(weights)
+    wanted = names if callable(names) or names is None else set(names)
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    blocked = {v.name for v in (*g.input, *g.output)} | _subgraph_uses(g)
+    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in g.node:
+        for pos, inp in enumerate(node.input):
+            if inp in inits:
+                uses.setdefault(inp, []).append((node, pos))
+
+    plan = []  # (weight name, initializer, [consumer nodes])
+    seen = set()
+    for init_name, consumers in uses.items():
+        first = next((n for n, pos in consumers if pos == 1 and _reduction_axis(n) is not None), None)
+        if first is None:
+            continue  # not the weight of any MatMul / Gemm (a bias, a shape, ...)
+        init = inits[init_name]
+        nodes = [n for n, _ in consumers]
+        name = _weight_name(first, init_name)
+        if callable(wanted):
+            if not wanted(name):
+                continue
+        elif wanted is not None and name not in wanted:
+            continue
+        seen.add(name)
+        ok = (init.data_type == TensorProto.FLOAT and len(init.dims) == 2 and init_name not in blocked
+              and all(pos == 1 and _reduction_axis(n) is not None for n, pos in consumers)
+              and (scheme != "nf4" or all(_nf4_ok(n) for n in nodes))
+              and len({_reduction_axis(n) for n in nodes}) == 1)
+        if not ok:
+            if wanted is not None and not callable(wanted):
+                raise ValueError(f"weight {name!r} ({init_name}) cannot be quantized: it is not a 2-D fp32 "
+                                 "initializer read only as the weight of MatMul / Gemm nodes of the main graph")
+            continue
+        if init.data_location == TensorProto.EXTERNAL:
+            raise ValueError(f"weight {name!r} is stored outside the model: load it with its external data first")
+        if int(np.prod(init.dims)) < min_size:
+            continue
+        plan.append((name, init, nodes))
+    if wanted is not None and not callable(wanted):
+        missing = sorted(set(wanted) - seen)
+        if missing:
+            raise ValueError(f"weights not found in the graph: {', '.join(missing)}")
+    if not plan:
+        return []
+
+    if scheme == "nf4":
+        _add_opset(model, _MS_DOMAIN, 1)
+    else:
+        _raise_opset(model)
+    fresh = _Names(model)
+    reports = []
+    for name, init, nodes in plan:
+        axis = _reduction_axis(nodes[0])
+        w = numpy_helper.to_array(init)
+        w_nk = w if axis == 1 else w.T  # torch layout (N, K)
+        rec = _numbers(name, w_nk, scheme, block_size, weights)
+        codes, scales = rec["codes"], rec["scales"]
+        N, K = w_nk.shape
+        q_name, s_name = fresh(f"{init.name}_{scheme}"), fresh(f"{init.name}_scale")
+        if scheme == "nf4":
+            new = [numpy_helper.from_array(codes.reshape(-1), q_name),
+                   numpy_helper.from_array(scales.reshape(-1), s_name)]
+            _replace_by_bnb4(g, nodes, q_name, s_name, K, N, block_size, fresh)
+        else:
+            if axis == 0:  # (K, N) weight: codes (K, N), scales (ceil(K / B), N)
+                codes, scales = codes.T, scales.T
+            new = [_codes_tensor(np.ascontiguousarray(codes), scheme, q_name),
+                   numpy_helper.from_array(np.ascontiguousarray(scales), s_name)]
+            out = fresh(f"{init.name}_dequantized")
+            dq = helper.make_node("DequantizeLinear", [q_name, s_name], [out],
+                                  name=fresh(f"{init.name}_DequantizeLinear"), axis=axis, block_size=block_size)
+            at = min(list(g.node).index(n) for n in nodes)  # before its first reader: the order stays topological
+            g.node.insert(at, dq)
+            for n in nodes:
+                n.input[1] = out
+        g.initializer.remove(init)
+        g.initializer.extend(new)
+        for v in [v for v in g.value_info if v.name == init.name]:
+            g.value_info.remove(v)
+        after = (N * K if scheme == "int8" else (N * K + 1) // 2) + scales.size * 4
+        reports.append(WeightReport(name, init.name, (N, K), scheme, block_size, N * K * 4, after))
+    return reports
+
+
+def _numbers(name: str, w_nk: np.ndarray, scheme: str, block_size: int, weights: Mapping[str, dict] | None) -> dict:
+    if weights is not None and name in weights:
+        rec = weights[name]
+        if (rec["scheme"], rec["block_size"], tuple(rec["shape"])) != (scheme, block_size, w_nk.shape):
+            raise ValueError(f"weight {name!r}: the given numbers are {rec['scheme']} block {rec['block_size']} of "
+                             f"shape {tuple(rec['shape'])}, the graph wants {scheme} block {block_size} of "
+                             f"{w_nk.shape}")
+        return rec
+    import torch
+
+    return quantize_to_numpy(torch.from_numpy(np.array(w_nk, dtype=np.float32)), scheme, block_size, name)
+
+
+def _replace_by_bnb4(g: onnx.GraphProto, nodes, q_name: str, s_name: str, K: int, N: int, block_size: int,
+                     fresh) -> None:
+    """Each MatMul / Gemm reading the weight becomes MatMulBnb4 (+ Add of the Gemm's C), in the same place."""
+    for node in nodes:
+        pos = list(g.node).index(node)
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        out = fresh(f"{node.output[0]}_nobias") if bias else node.output[0]
+        bnb = helper.make_node("MatMulBnb4", [node.input[0], q_name, s_name], [out], domain=_MS_DOMAIN,
+                               name=fresh(f"{node.name or node.output[0]}_MatMulBnb4"), K=K, N=N,
+                               block_size=block_size, quant_type=_NF4)
+        bnb.metadata_props.extend(node.metadata_props)  # keeps where it came from (module path, stack trace)
+        new = [bnb]
+        if bias:
+            add = helper.make_node("Add", [out, bias], [node.output[0]], name=fresh(f"{node.name}_bias"))
+            add.metadata_props.extend(node.metadata_props)
+            new.append(add)
+        g.node.remove(node)
+        for i, n in enumerate(new):
+            g.node.insert(pos + i, n)

@@ -1,0 +1,373 @@
+"""Weight-only blockwise quantization of Linear layers, torchao-style: `quantize_(model, BnbInt8Config())`.
+
+Layout, the same for every scheme: a Linear weight W is (N, K) = (out_features, in_features); each output row is
+cut into blocks of `block_size` consecutive weights along K (the reduction dimension), and each block gets one fp32
+scale. The dequantized weight is ONE fp32 product per element, `value(code) * scale[block]`, which is exactly what
+ONNX DequantizeLinear (int8, int4) and com.microsoft.MatMulBnb4 (nf4) compute, so that `sea_edge.export.
+quantize_onnx` writes a graph whose weights equal these bit for bit (`quantized_weights` hands it the numbers).
+
+    scheme  codes                         value(code)             scale          last block of a row
+    int8    int8 in [-127, 127]           q                       absmax / 127   may be short (ceil(K / B) blocks)
+    int4    int4 in [-7, 7], 2 per byte   q                       absmax / 7     may be short
+    nf4     4-bit NormalFloat, 2 per byte NF4 table[q] in [-1, 1] absmax         K % B == 0 required
+
+int8 is bitsandbytes' blockwise quantization (`quantize_blockwise`) with a linear symmetric code instead of its
+default dynamic one, so that each code is a plain int8 and the scale is absmax / 127: what ONNX DequantizeLinear
+(int8, zero point 0) expresses. nf4 is bitsandbytes' `quantize_4bit(quant_type="nf4")` unchanged; its blocks run over
+the flattened weight, which is why K must be a multiple of the block size (then they are the per-row blocks above,
+and also what MatMulBnb4 reads). int4 has no bitsandbytes equivalent: plain torch, round to nearest on the symmetric
+grid [-7, 7] (the code -8 is never used, so 0 stays exact and the grid is symmetric).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .estimator import SEAEstimator
+
+__all__ = [
+    "SCHEMES",
+    "TARGETS",
+    "BnbInt8Config",
+    "BnbNF4Config",
+    "Int4Config",
+    "QuantizedLinear",
+    "check_scheme",
+    "dequantize_weight",
+    "quantize_",
+    "quantize_to_numpy",
+    "quantize_weight",
+    "quantized_state",
+    "quantized_weights",
+]
+
+TARGETS = ("estimator", "teacher", "all")
+
+# Block sizes each scheme accepts, and why:
+# int8: bitsandbytes' quantize_blockwise (its CUDA kernels exist for these sizes only).
+# nf4: bitsandbytes' 4-bit kernels (32..4096) AND onnxruntime's MatMulBnb4 (16..256).
+# int4: powers of two >= 16, what onnxruntime's MatMulNBits (which its optimizer fuses DequantizeLinear into) takes.
+SCHEMES: dict[str, tuple[int, ...]] = {
+    "int8": (64, 128, 256, 512, 1024, 2048, 4096),
+    "nf4": (32, 64, 128, 256),
+    "int4": tuple(2**i for i in range(4, 13)),
+}
+_QMAX = {"int8": 127, "int4": 7}
+
+
+def check_scheme(scheme: str, block_size: int) -> None:
+    """ValueError, naming the bad value, unless `scheme` is known and takes `block_size`."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}: expected one of {', '.join(SCHEMES)}")
+    if block_size not in SCHEMES[scheme]:
+        raise ValueError(f"{scheme} block_size must be one of {', '.join(map(str, SCHEMES[scheme]))}, got {block_size}")
+
+
+def _check_config(cfg) -> None:
+    check_scheme(cfg.scheme, cfg.block_size)
+    if cfg.target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(map(repr, TARGETS))}, got {cfg.target!r}")
+
+
+@dataclass(frozen=True)
+class BnbInt8Config:
+    """int8 weights, bitsandbytes blockwise with a linear code (scale absmax / 127 per block)."""
+
+    block_size: int = 256
+    """Weights per scale. 256: on Gaussian weights SQNR moves little with it (44.5 dB at 64, 43.3 at 256), so favour
+    few scales (1.6 % of the bytes)."""
+    target: str = "estimator"
+    """"estimator": the Linears of the SEA estimators; "teacher": every other Linear; "all": both."""
+    scheme: ClassVar[str] = "int8"
+
+    def __post_init__(self):
+        _check_config(self)
+
+
+@dataclass(frozen=True)
+class BnbNF4Config:
+    """4-bit NormalFloat weights, bitsandbytes `quantize_4bit(quant_type="nf4")` (scale absmax per block)."""
+
+    block_size: int = 64
+    """Weights per scale. 64: bitsandbytes' and QLoRA's default for NF4 (6 % of the bytes go to scales)."""
+    target: str = "estimator"
+    """"estimator": the Linears of the SEA estimators; "teacher": every other Linear; "all": both."""
+    scheme: ClassVar[str] = "nf4"
+
+    def __post_init__(self):
+        _check_config(self)
+
+
+@dataclass(frozen=True)
+class Int4Config:
+    """Plain symmetric int4 weights in [-7, 7] (scale absmax / 7 per block); no bitsandbytes equivalent."""
+
+    block_size: int = 32
+    """Weights per scale. 32: a linear 4-bit grid needs small blocks to match NF4 at 64 (GPTQ/AWQ use 32-128)."""
+    target: str = "estimator"
+    """"estimator": the Linears of the SEA estimators; "teacher": every other Linear; "all": both."""
+    scheme: ClassVar[str] = "int4"
+
+    def __post_init__(self):
+        _check_config(self)
+
+
+QuantConfig = BnbInt8Config | BnbNF4Config | Int4Config
+
+
+# -- the numbers: quantize / dequantize one (N, K) weight -------------------------------------------------------------
+def _shapes(scheme: str, N: int, K: int, B: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(codes shape, scales shape) of an (N, K) weight."""
+    nb = math.ceil(K / B)
+    if scheme == "int8":
+        return (N, K), (N, nb)
+    return (N, math.ceil(K / 2)), (N, nb)  # int4 / nf4: two codes per byte
+
+
+def _pad_to_blocks(w: torch.Tensor, B: int) -> torch.Tensor:
+    """(N, K) -> (N, nb * B), zeros appended to each row: a zero never raises a block's absmax, so the short last
+    block of a row is quantized as if it stood alone."""
+    K = w.shape[1]
+    return F.pad(w, (0, math.ceil(K / B) * B - K))
+
+
+def _div(x: torch.Tensor, d: int) -> torch.Tensor:
+    """x / d correctly rounded on every device: CUDA divides by a Python scalar through its reciprocal (1 ulp off
+    now and then), by a tensor exactly, so the scales come out the same on CPU and CUDA."""
+    return x / torch.full_like(x, d)
+
+
+def _linear_int8_code(device) -> torch.Tensor:
+    """bitsandbytes code map with code[i] = (i - 128) / 127: index i stores the int8 value q = i - 128, and
+    quantize_blockwise picks the nearest code to w / absmax. Index 0 (-128 / 127, below -1) is never the nearest to
+    a value in [-1, 1], so q stays in [-127, 127] (all-zero blocks aside, fixed in `_quantize_int8`)."""
+    return (torch.arange(256, dtype=torch.float32, device=device) - 128) / 127
+
+
+def _quantize_int8(w: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes rounds to the nearest code up to near-ties: its CPU kernel takes the neighbour within ~0.002 of a
+    tie (0.1 % of Gaussian weights, harmless), and its CUDA kernel breaks those ties its own way, so a few codes
+    differ between devices (the scales do not)."""
+    import bitsandbytes.functional as bnbf
+
+    N, K = w.shape
+    wp = _pad_to_blocks(w, B)  # (N, nb * B): bitsandbytes' flat blocks are now per-row blocks
+    idx, state = bnbf.quantize_blockwise(wp, code=_linear_int8_code(w.device), blocksize=B)
+    absmax = state.absmax.view(N, -1).float()  # (N, nb)
+    q = (idx.to(torch.int16) - 128).view(N, -1, B)  # (N, nb, B)
+    # bitsandbytes' CPU kernel maps an all-zero block (absmax 0) to index 0; any code times scale 0 is 0, but an
+    # int8 of -128 would leave the symmetric range: store 0 instead.
+    q = q.masked_fill((absmax == 0).unsqueeze(-1), 0)
+    codes = q.view(N, -1)[:, :K].to(torch.int8).contiguous()  # (N, K)
+    return codes, _div(absmax, 127)
+
+
+def _quantize_int4(w: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    N, K = w.shape
+    blocks = _pad_to_blocks(w, B).view(N, -1, B)  # (N, nb, B)
+    scales = _div(blocks.abs().amax(-1), 7)  # (N, nb)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # all-zero block: codes 0, scale 0
+    q = torch.round(blocks / safe.unsqueeze(-1)).clamp(-7, 7).to(torch.int8).view(N, -1)[:, :K]  # (N, K)
+    return _pack_int4(q), scales
+
+
+def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 in [-8, 7] -> (N, ceil(K / 2)) uint8, element 2j in the low nibble (ONNX's INT4 order)."""
+    nib = F.pad((q & 0xF).to(torch.uint8), (0, q.shape[1] % 2))  # two's complement nibbles, row padded to even
+    return nib[:, 0::2] | (nib[:, 1::2] << 4)
+
+
+def _unpack_int4(codes: torch.Tensor, K: int) -> torch.Tensor:
+    """Inverse of `_pack_int4`: (N, ceil(K / 2)) uint8 -> (N, K) int8."""
+    nib = torch.stack([codes & 0xF, codes >> 4], dim=-1).view(codes.shape[0], -1)[:, :K].to(torch.int8)
+    return torch.where(nib > 7, nib - 16, nib)  # sign-extend the nibble
+
+
+def _quantize_nf4(w: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import bitsandbytes.functional as bnbf
+
+    N, K = w.shape
+    packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=B, quant_type="nf4", quant_storage=torch.uint8)
+    return packed.view(N, K // 2), state.absmax.float().view(N, K // B)  # flat element 2j in the HIGH nibble
+
+
+def quantize_weight(weight: torch.Tensor, scheme: str, block_size: int, name: str = "weight"):
+    """Quantize an (N, K) weight. Returns (codes, scales): see the module docstring for their layout.
+
+    Runs where the weight is (CPU or CUDA), in fp32. `name` only labels the errors."""
+    check_scheme(scheme, block_size)
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
+    w = weight.detach().float()
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{name}: the weight holds inf or NaN")
+    K = w.shape[1]
+    if scheme == "nf4":
+        if K % block_size:
+            raise ValueError(f"{name}: in_features {K} is not a multiple of the nf4 block_size {block_size} "
+                             "(bitsandbytes and MatMulBnb4 block the flattened weight); pick a block size dividing it")
+        return _quantize_nf4(w, block_size)
+    if scheme == "int8":
+        return _quantize_int8(w, block_size)
+    return _quantize_int4(w, block_size)
+
+
+def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, scheme: str, block_size: int,
+                      shape: tuple[int, int]) -> torch.Tensor:
+    """(N, K) fp32 weight: value(code) * scale of its block, one fp32 product per element (as ONNX Runtime)."""
+    N, K = shape
+    if scheme == "nf4":
+        import bitsandbytes.functional as bnbf
+
+        # a QuantState rather than absmax= and out=: bitsandbytes 0.50 has no CPU kernel for the out= variant
+        state = bnbf.QuantState(absmax=scales.reshape(-1), shape=torch.Size((N, K)), blocksize=block_size,
+                                code=bnbf.get_4bit_type("nf4", device=codes.device), quant_type="nf4",
+                                dtype=torch.float32)
+        return bnbf.dequantize_4bit(codes.reshape(-1, 1), state)
+    q = codes if scheme == "int8" else _unpack_int4(codes, K)  # (N, K) int8
+    return q.float() * scales.repeat_interleave(block_size, dim=1)[:, :K]
+
+
+# -- the module --------------------------------------------------------------------------------------------------------
+class QuantizedLinear(nn.Module):
+    """Drop-in for nn.Linear holding quantized weights: `codes` and `scales` are buffers (state_dict / safetensors
+    carry them); forward dequantizes to the input's dtype and calls F.linear. Not trainable (the bias stays a
+    Parameter only so that its state_dict key matches nn.Linear's)."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, block_size: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        check_scheme(scheme, block_size)
+        if scheme == "nf4" and in_features % block_size:
+            raise ValueError(f"nf4: in_features {in_features} is not a multiple of block_size {block_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme, self.block_size = scheme, block_size
+        cshape, sshape = _shapes(scheme, out_features, in_features, block_size)
+        code_dtype = torch.int8 if scheme == "int8" else torch.uint8
+        self.register_buffer("codes", torch.zeros(cshape, dtype=code_dtype, device=device))
+        self.register_buffer("scales", torch.zeros(sshape, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: str, block_size: int, name: str = "linear") -> QuantizedLinear:
+        w = linear.weight
+        codes, scales = quantize_weight(w, scheme, block_size, name)  # first: its errors name the layer
+        q = cls(linear.in_features, linear.out_features, scheme, block_size, linear.bias is not None,
+                device=w.device, dtype=w.dtype)
+        q.codes.copy_(codes)
+        q.scales.copy_(scales)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def _apply(self, fn, recurse=True):
+        """model.half() / .to(torch.bfloat16) cast the bias but not the fp32 scales (rounding them would change the
+        weights and break the match with the exported graph); .cuda() / .to(device) move the scales with the codes."""
+        scales = self.scales
+        super()._apply(fn, recurse)
+        self.scales = scales.to(self.codes.device)
+        return self
+
+    def dequantize(self) -> torch.Tensor:
+        """The (N, K) fp32 weight this layer multiplies by."""
+        return dequantize_weight(self.codes, self.scales, self.scheme, self.block_size,
+                                 (self.out_features, self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"scheme={self.scheme}, block_size={self.block_size}")
+
+
+def _record(codes: torch.Tensor, scales: torch.Tensor, scheme: str, block_size: int, shape: tuple[int, int]) -> dict:
+    codes = codes.detach().cpu()
+    if scheme == "int4":
+        codes = _unpack_int4(codes, shape[1])
+    return {
+        "scheme": scheme,
+        "block_size": block_size,
+        "shape": tuple(shape),
+        "codes": codes.numpy().copy(),
+        "scales": scales.detach().cpu().numpy().astype(np.float32, copy=True),
+    }
+
+
+def quantized_weights(module: QuantizedLinear) -> dict:
+    """What an ONNX rewrite needs to carry exactly this layer's numbers, as numpy (torch layout, W is (N, K)):
+
+    - scheme, block_size, shape (N, K)
+    - codes: int8 (N, K) for int8 and int4 (int4 unpacked, values in [-7, 7]); nf4: uint8 (N, K / 2), bitsandbytes'
+      packing (flat element 2j in the high nibble), whose flattening is MatMulBnb4's input B
+    - scales: fp32 (N, ceil(K / B)); the dequantized weight is value(code) * scales[n, k // B] (for nf4 the scales
+      are the absmax, flattened they are MatMulBnb4's input absmax)
+    """
+    if not isinstance(module, QuantizedLinear):
+        raise TypeError(f"expected a QuantizedLinear, got {type(module).__name__}")
+    return _record(module.codes, module.scales, module.scheme, module.block_size,
+                   (module.out_features, module.in_features))
+
+
+def quantize_to_numpy(weight: torch.Tensor, scheme: str, block_size: int, name: str = "weight") -> dict:
+    """`quantized_weights` of the QuantizedLinear that this (N, K) weight would become (same function, same numbers)."""
+    codes, scales = quantize_weight(weight, scheme, block_size, name)
+    return _record(codes, scales, scheme, block_size, tuple(weight.shape))
+
+
+def quantized_state(model: nn.Module) -> dict[str, dict]:
+    """`quantized_weights` of every QuantizedLinear of `model`, keyed "<module path>.weight" (the key of the weight
+    it replaced, and the name sea_edge.export.quantize_onnx gives the weights of an exported graph)."""
+    return {f"{name}.weight" if name else "weight": quantized_weights(m)
+            for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+# -- quantize_ ---------------------------------------------------------------------------------------------------------
+def _targets(model: nn.Module, target: str) -> list[tuple[nn.Module, str, str, nn.Linear]]:
+    """(parent, attribute, path, linear) of each Linear to quantize.
+
+    Estimator Linears are those inside any SEAEstimator module: the `.sea` of each layer sea_layers(model) finds, or
+    `model` itself when it is a bare estimator. A Linear whose weight IS an embedding's weight (a tied lm_head) is
+    left alone: quantizing it would either untie it or quantize the embedding too."""
+    in_estimator = {id(m) for est in model.modules() if isinstance(est, SEAEstimator) for m in est.modules()}
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    out = []
+    for parent_path, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            if not isinstance(child, nn.Linear) or id(child.weight) in tied:
+                continue
+            is_est = id(child) in in_estimator
+            if target == "all" or (target == "estimator") == is_est:
+                out.append((parent, attr, f"{parent_path}.{attr}" if parent_path else attr, child))
+    return out
+
+
+def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Replace (in place) each Linear of `model` that `config.target` selects by a QuantizedLinear. Returns `model`.
+
+    Every layer is quantized before any is swapped in, so a ValueError (a layer whose shape the scheme cannot take,
+    named in the message; no layer matching the target) leaves the model untouched. A Linear shared by several
+    parents becomes one QuantizedLinear shared the same way."""
+    if not isinstance(config, (BnbInt8Config, BnbNF4Config, Int4Config)):
+        raise TypeError(f"config must be BnbInt8Config, BnbNF4Config or Int4Config, got {type(config).__name__}")
+    targets = _targets(model, config.target)
+    if not targets:
+        hint = " (no SEA estimator in the model: call sea_edge.to_sea first)" if config.target == "estimator" else ""
+        raise ValueError(f"no nn.Linear of {type(model).__name__} matches target {config.target!r}{hint}")
+    done: dict[int, QuantizedLinear] = {}
+    with torch.no_grad():
+        for _, _, path, linear in targets:
+            if id(linear) not in done:
+                done[id(linear)] = QuantizedLinear.from_linear(linear, config.scheme, config.block_size, path)
+    for parent, attr, _, linear in targets:
+        setattr(parent, attr, done[id(linear)])
+    return model
