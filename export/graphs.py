@@ -76,7 +76,41 @@ def _export(module, args, dynamic_shapes, names, opset: int) -> onnx.ModelProto:
                                  opset_version=opset, optimize=False)
     proto = prog.model_proto
     proto.ir_version = min(proto.ir_version, 9 if opset <= 20 else 10)  # IR 9: onnxruntime >= 1.16 reads it
+    _fold_weight_transposes(proto)
     return attach_functions(proto, opset)
+
+
+def _fold_weight_transposes(model: onnx.ModelProto) -> None:
+    """Without the exporter's optimizer, each Linear is MatMul(x, Transpose(W)). Store W transposed instead, under
+    W's own name (the torch state_dict key), when nothing else reads W: no Transpose at run time, a weight name
+    that quantization can match with the torch model's, and the same name (hence one copy on disk) in both graphs.
+    A W read elsewhere too (the tied embedding / lm_head) is left as it is."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    folded = {}
+    for n in list(g.node):
+        if n.op_type != "Transpose" or n.domain not in ("", "ai.onnx") or n.input[0] not in inits:
+            continue
+        w = inits[n.input[0]]
+        perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+        if len(w.dims) != 2 or perm not in (None, [1, 0]) or readers[w.name] != 1:
+            continue
+        t = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w).T.copy(), w.name)
+        g.initializer.remove(w)
+        g.initializer.append(t)
+        g.node.remove(n)
+        folded[n.output[0]] = w.name
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            if i in folded:
+                n.input[k] = folded[i]
+    gone = set(folded) | set(folded.values())
+    for v in [v for v in g.value_info if v.name in gone]:
+        g.value_info.remove(v)
 
 
 def export_prefill(model, opset: int) -> onnx.ModelProto:

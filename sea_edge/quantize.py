@@ -62,6 +62,21 @@ SCHEMES: dict[str, tuple[int, ...]] = {
 _QMAX = {"int8": 127, "int4": 7}
 
 
+def _bnb():
+    """bitsandbytes.functional, imported lazily. Its CPU backend logs a warning at import on AVX512-BF16 machines
+    when the optional Hugging Face `kernels` package (a faster 4-bit GEMM we do not use) is absent: silenced."""
+    import logging
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnbf
+    finally:
+        log.setLevel(level)
+    return bnbf
+
+
 def check_scheme(scheme: str, block_size: int) -> None:
     """ValueError, naming the bad value, unless `scheme` is known and takes `block_size`."""
     if scheme not in SCHEMES:
@@ -155,7 +170,7 @@ def _quantize_int8(w: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]
     """bitsandbytes rounds to the nearest code up to near-ties: its CPU kernel takes the neighbour within ~0.002 of a
     tie (0.1 % of Gaussian weights, harmless), and its CUDA kernel breaks those ties its own way, so a few codes
     differ between devices (the scales do not)."""
-    import bitsandbytes.functional as bnbf
+    bnbf = _bnb()
 
     N, K = w.shape
     wp = _pad_to_blocks(w, B)  # (N, nb * B): bitsandbytes' flat blocks are now per-row blocks
@@ -191,7 +206,7 @@ def _unpack_int4(codes: torch.Tensor, K: int) -> torch.Tensor:
 
 
 def _quantize_nf4(w: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
-    import bitsandbytes.functional as bnbf
+    bnbf = _bnb()
 
     N, K = w.shape
     packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=B, quant_type="nf4", quant_storage=torch.uint8)
@@ -224,7 +239,7 @@ def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, scheme: str, bl
     """(N, K) fp32 weight: value(code) * scale of its block, one fp32 product per element (as ONNX Runtime)."""
     N, K = shape
     if scheme == "nf4":
-        import bitsandbytes.functional as bnbf
+        bnbf = _bnb()
 
         # a QuantState rather than absmax= and out=: bitsandbytes 0.50 has no CPU kernel for the out= variant
         state = bnbf.QuantState(absmax=scales.reshape(-1), shape=torch.Size((N, K)), blocksize=block_size,
