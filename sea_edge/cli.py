@@ -231,6 +231,55 @@ def _export_table(r):
     return table
 
 
+class Scheme(str, Enum):
+    int8 = "int8"
+    int4 = "int4"
+    nf4 = "nf4"
+    dynamic_int8 = "dynamic-int8"
+
+
+@app.command("quantize")
+@user_errors
+def quantize_cmd(
+    src: Annotated[Path, typer.Argument(help="An fp32 folder written by `sea-edge export`.")],
+    out: Annotated[Path, typer.Option(help="Output folder (same layout, quantized weights, quantize_report.json).")],
+    scheme: Annotated[Scheme, typer.Option(help="int8 / int4 / nf4: weight-only blockwise (bitsandbytes codes); "
+                                                "dynamic-int8: optimum ORTQuantizer with the target CPU's preset.")]
+    = Scheme.int8,
+    target: Annotated[Optional[str], typer.Option(help="Device profile (sea-edge budget --list-devices): picks the "
+                                                       "dynamic-int8 preset (arm64 / avx2 / avx512_vnni).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing non-empty --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Quantize an exported SEA model (estimator, decoder and the teacher's Linear layers), with a report: size,
+    per-module SQNR, mask agreement, perplexity delta, CPU prefill latency."""
+    from sea_edge.export.requantize import quantize_folder
+
+    if not src.is_dir():
+        raise SeaEdgeError(f"{src} is not a folder")
+    report = quantize_folder(src, out, scheme.value, target=target, force=force, progress=progress)
+    _stdout.print(_quant_table([report]), highlight=False)
+    _stdout.print(f"wrote {out} (report: {out / 'quantize_report.json'})", highlight=False)
+
+
+def _quant_table(reports):
+    from rich.table import Table
+
+    table = Table(title="quantization vs the fp32 export (validation text, CPU)", title_justify="left")
+    for col in ("scheme", "size", "x fp32", "ppl fp32", "ppl quant", "delta", "top-1 agree", "mask agree",
+                "prefill s fp32/quant", "min SQNR dB (module)"):
+        table.add_column(col, justify="right")
+    for r in reports:
+        p, t = r["perplexity"], r["prefill_seconds"]
+        sq = r.get("sqnr_db")
+        worst = min(sq.items(), key=lambda kv: kv[1]["min"]) if sq else None
+        table.add_row(r["scheme"], f"{r['size_bytes']['quantized'] / 2**20:,.0f} MiB", f"{r['size_ratio']:.2f}",
+                      f"{p['fp32']:.2f}", f"{p['quantized']:.2f}", f"{p['delta']:+.1%}", f"{r['top1_agreement']:.1%}",
+                      f"{r['mask_agreement']:.3f}", f"{t['fp32']:.2f} / {t['quantized']:.2f}",
+                      f"{worst[1]['min']:.1f} ({worst[0]})" if worst else "-")
+    return table
+
+
 @app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @user_errors
 def bench_(
