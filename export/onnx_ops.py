@@ -223,10 +223,20 @@ def custom_translation_table() -> dict:
             got = op.GatherElements(kv, op.Reshape(op.Min(key, op.Sub(S, one)), op.Concat(B, ints(-1), axis=0)),
                                     axis=1)
             ok = op.And(ok, op.Cast(op.Reshape(got, op.Shape(key)), to=onnxscript.BOOL.dtype))
+        # Compaction: valid keys keep their (ascending) order and move to the front, holes (-1) after. A cumulative
+        # count gives each valid key its slot; holes are all written to one extra slot that is cut off. (Not a
+        # TopK: its unread second output, as large as idx, stays allocated until the run ends in onnxruntime.)
         w = op.Mul(c, span)
-        key = op.Reshape(op.Where(ok, key, Ss), op.Concat(B, H, T, w, axis=0))
-        key, _ = op.TopK(key, w, axis=-1, largest=0, sorted=1)  # valid keys ascending, holes (= S) last
-        return op.Cast(op.Where(op.Equal(key, Ss), op.Constant(value_int=-1), key), to=onnxscript.INT32.dtype)
+        shape4 = op.Concat(B, H, T, w, axis=0)
+        ok = op.Reshape(ok, shape4)
+        key = op.Reshape(key, shape4)
+        slot = op.Sub(op.CumSum(op.Cast(ok, to=INT64), op.Constant(value_int=-1)), op.Constant(value_int=1))
+        slot = op.Where(ok, slot, op.Squeeze(w))  # holes -> the extra slot w
+        minus1 = op.Constant(value_int=-1)
+        dst = op.Expand(minus1, op.Concat(B, H, T, op.Add(w, one), axis=0))
+        idx = op.ScatterElements(dst, slot, op.Where(ok, key, minus1), axis=-1)  # (B, H, T, w + 1)
+        idx = op.Slice(idx, ints(0), w, ints(3))
+        return op.Cast(idx, to=onnxscript.INT32.dtype)
 
     return {
         torch.ops.sea_edge.sparse_attention.default: sparse_attention,
