@@ -1,0 +1,740 @@
+"""Memory budget of an exported model on a device: device profiles, an analytic model of the peak resident memory of
+one prefill (SEA, and the dense baseline from the same dimensions), the largest context that fits, and the report
+behind `sea-edge budget` (JSON, a rich table, a PNG).
+
+    from sea_edge.runtime.budget import budget_report, render_table, plot_budget
+    rep = budget_report("smollm2-sea", "rpi5-8gb", context=4096)
+    rich.print(render_table(rep)); plot_budget(rep, "budget.png")
+
+Shapes: B batch, T tokens of the prefill (S = T keys), L layers, H / Hkv query / key-value heads, D head dim, E hidden,
+I MLP width, V vocabulary, K compressed width, m Performer features, W = D + K + 1, C decoder channels, r decoder
+ratio, c = head_cap and w = head_cap * span (sea_edge.config.budget: the per-row key list width).
+
+What the analytic model counts (bytes at the peak of one prefill; fp32 activations whatever the weight dtype):
+
+    weights          the weight file(s) of the graph, plus the transposed copy onnxruntime folds for a tied lm_head
+                     (the embedding Gather reads the original, the lm_head MatMul a constant-folded transpose)
+    runtime          the process with numpy + onnxruntime imported, plus the session (graph, kernels): measured
+    kv_cache         present.<i>.key/value, L x 2 x (B, Hkv, T, D)
+    sea_state        Performer prefix sums L x (B, Hkv, m, W) and decoder rows L x 2 x (B, H, C, 2, K/r)
+    sea_mask         per layer, the unused outputs of the mask's three TopK nodes, (B, H, T, w) int64 +
+                     (B, H, T, c) int64 + (B, T, H c) fp32: onnxruntime frees an output nobody reads only when the
+                     run ends, so all L of them are alive at the peak (a third of it at T=4096)
+    attention        the largest per-layer transient of attention when the peak is inside a layer (dense: two
+                     (B, H, T, S) fp32 score copies and the (B, 1, T, S) mask; SEA: never the peak for B x V large)
+    logits           (B, T, V) fp32: the prefill graph returns every position's logits
+    activations      hidden states and the MLP at the peak, (B, T, E) and (B, T, I) fp32
+    allocator_slack  what onnxruntime's arena holds beyond the live tensors (calibrated: a fraction of the above)
+
+The model is for the onnxruntime settings of sea_edge.runtime.measure.SETTINGS (CPU arena on, priority execution
+order, memory reuse off), calibrated on the default export (SmolLM2-135M, fp32, onnxruntime 1.32, x86-64, 2
+threads) against measure_peak at T in {1024, 4096, 8192} to within 10% (CALIBRATION holds the figures).
+onnxruntime's own defaults (depth-first order, reuse on) hold about twice the activations: see measure.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+from sea_edge.errors import SeaEdgeError
+
+from .measure import SETTINGS
+
+__all__ = [
+    "CALIBRATION",
+    "COMPONENTS",
+    "PROFILES_FILE",
+    "QUANT_PRESETS",
+    "REPORT_SCHEMA",
+    "DeviceProfile",
+    "ModelDims",
+    "budget_report",
+    "estimate_peak",
+    "get_device",
+    "list_devices_table",
+    "load_profiles",
+    "max_context",
+    "model_dims",
+    "plot_budget",
+    "render_table",
+    "validate_report",
+]
+
+PROFILES_FILE = Path(__file__).with_name("profiles.json")
+PROFILES_FORMAT = "sea-edge-devices/1"
+GiB, MiB = 1 << 30, 1 << 20
+ARCHES = ("arm64", "x86_64")
+ISAS = ("neon", "dotprod", "i8mm", "sve", "avx2", "avx_vnni", "avx512", "avx512_vnni")
+QUANT_PRESETS = ("arm64", "avx2", "avx512_vnni")
+"""Dynamic-quantization presets (optimum's AutoQuantizationConfig names) a device's CPU calls for."""
+COMPONENTS = ("weights", "runtime", "kv_cache", "sea_state", "sea_mask", "attention", "logits", "activations",
+              "allocator_slack")
+FIT_MARGIN = 0.10
+"""Headroom below 10% of the device's limit is "tight": RSS varies by a few percent with the allocator and libc."""
+
+CALIBRATION = {
+    "runtime_base_bytes": 48 * MiB,
+    "session_bytes_per_layer": {"sea": int(3.4 * MiB), "dense": 1 * MiB},
+    "allocator_slack": 0.20,
+    "measured_peak_mib": {"1024": 1516, "2048": 2245, "4096": 3431, "8192": 5950},
+    "source": "measure_peak on the default export (SmolLM2-135M, fp32, B=1, linear weights stored transposed), "
+              "onnxruntime 1.32.0, x86-64, 2 threads, SETTINGS: runtime_base = VmRSS with numpy + onnxruntime "
+              "imported (48 MiB); session_bytes_per_layer (sea) = (VmRSS after the session opened - baseline - "
+              "weights) / 30 layers; allocator_slack = what the arena holds beyond the live tensors, as a fraction of "
+              "the non-weight peak (0.20, fitted on the measured peaks above and on an earlier export whose linear "
+              "weights went through a Transpose: within 6.3% at every T). The dense session figure is an estimate "
+              "(a plain Llama graph has ~25x fewer nodes per layer); the dense curve is not measured.",
+}
+
+
+# -- device profiles ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One device: memory, bandwidth, CPU and GPU, each figure with where it comes from (`sources`)."""
+
+    name: str
+    description: str
+    total_ram_bytes: int
+    reserved_bytes: int
+    """Held by the OS and its usual services (an estimate where the source says so)."""
+    memory_bandwidth_gbs: float
+    arch: str
+    """arm64 or x86_64."""
+    isa: tuple[str, ...]
+    cores: int
+    per_app_limit_bytes: int | None = None
+    """The most one app may hold before the OS kills it (phones); None = no per-app limit."""
+    gpu: dict | None = None
+    sources: dict = field(default_factory=dict)
+    """figure -> source (datasheet name / URL, or "estimate: ...")."""
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        where = f"device {self.name!r}"
+        if not self.name or not isinstance(self.name, str):
+            raise SeaEdgeError("a device profile needs a name")
+        if self.total_ram_bytes <= 0:
+            raise SeaEdgeError(f"{where}: total_ram_gib must be > 0")
+        if not 0 <= self.reserved_bytes < self.total_ram_bytes:
+            raise SeaEdgeError(f"{where}: reserved_gib must be >= 0 and below total_ram_gib")
+        if self.per_app_limit_bytes is not None and not 0 < self.per_app_limit_bytes <= self.total_ram_bytes:
+            raise SeaEdgeError(f"{where}: per_app_limit_gib must be > 0 and at most total_ram_gib")
+        if self.memory_bandwidth_gbs <= 0:
+            raise SeaEdgeError(f"{where}: memory_bandwidth_gbs must be > 0")
+        if self.arch not in ARCHES:
+            raise SeaEdgeError(f"{where}: cpu.arch must be one of {', '.join(ARCHES)}, got {self.arch!r}")
+        bad = [i for i in self.isa if i not in ISAS]
+        if bad:
+            raise SeaEdgeError(f"{where}: cpu.isa has unknown {bad} (known: {', '.join(ISAS)})")
+        if self.arch == "arm64" and "neon" not in self.isa:
+            raise SeaEdgeError(f"{where}: cpu.isa of an arm64 CPU must include neon")
+        if self.arch == "x86_64" and "avx2" not in self.isa:
+            raise SeaEdgeError(f"{where}: cpu.isa of an x86_64 CPU must include avx2 (older CPUs are not supported)")
+        if self.cores < 1:
+            raise SeaEdgeError(f"{where}: cpu.cores must be >= 1")
+
+    @property
+    def limit_bytes(self) -> int:
+        """What one process may use: RAM less the reserve, and at most the per-app limit."""
+        free = self.total_ram_bytes - self.reserved_bytes
+        return min(free, self.per_app_limit_bytes) if self.per_app_limit_bytes else free
+
+    @property
+    def quant_preset(self) -> str:
+        """Which dynamic-quantization preset suits the CPU: arm64 (NEON / dot product), avx512_vnni, or avx2."""
+        if self.arch == "arm64":
+            return "arm64"
+        return "avx512_vnni" if "avx512_vnni" in self.isa else "avx2"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "total_ram_bytes": self.total_ram_bytes,
+                "reserved_bytes": self.reserved_bytes, "per_app_limit_bytes": self.per_app_limit_bytes,
+                "limit_bytes": self.limit_bytes, "memory_bandwidth_gbs": self.memory_bandwidth_gbs,
+                "arch": self.arch, "isa": list(self.isa), "cores": self.cores, "quant_preset": self.quant_preset,
+                "gpu": self.gpu, "sources": dict(self.sources)}
+
+
+def _figure(entry: dict, key: str, where: str, required: bool = True) -> tuple[float | None, str | None]:
+    """(value, source) of a {value, source} figure; SeaEdgeError naming the field when malformed."""
+    fig = entry.get(key)
+    if fig is None:
+        if required:
+            raise SeaEdgeError(f"{where}: missing field {key!r} ({{\"value\": ..., \"source\": ...}})")
+        return None, None
+    if not isinstance(fig, dict):
+        raise SeaEdgeError(f"{where}: field {key!r} must be {{\"value\": number, \"source\": text}}")
+    v, src = fig.get("value"), fig.get("source")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise SeaEdgeError(f"{where}: field {key}.value must be a number, got {v!r}")
+    if not isinstance(src, str) or not src.strip():
+        raise SeaEdgeError(f"{where}: field {key}.source must say where the figure comes from")
+    return float(v), src
+
+
+def _profile(name: str, entry, origin: str) -> DeviceProfile:
+    where = f"{origin}: device {name!r}"
+    if not isinstance(entry, dict):
+        raise SeaEdgeError(f"{where}: must be an object")
+    total, s_total = _figure(entry, "total_ram_gib", where)
+    reserved, s_res = _figure(entry, "reserved_gib", where)
+    per_app, s_app = _figure(entry, "per_app_limit_gib", where, required=False)
+    bw, s_bw = _figure(entry, "memory_bandwidth_gbs", where)
+    cpu = entry.get("cpu")
+    if not isinstance(cpu, dict):
+        raise SeaEdgeError(f"{where}: missing field 'cpu' ({{arch, isa, cores, source}})")
+    isa = cpu.get("isa")
+    if not isinstance(isa, list) or not all(isinstance(i, str) for i in isa):
+        raise SeaEdgeError(f"{where}: field cpu.isa must be a list of names")
+    cores = cpu.get("cores")
+    if isinstance(cores, bool) or not isinstance(cores, int):
+        raise SeaEdgeError(f"{where}: field cpu.cores must be an integer")
+    if not isinstance(cpu.get("source"), str) or not cpu["source"].strip():
+        raise SeaEdgeError(f"{where}: field cpu.source must say where the figures come from")
+    gpu = entry.get("gpu")
+    if gpu is not None and (not isinstance(gpu, dict) or not isinstance(gpu.get("name"), str)
+                            or not isinstance(gpu.get("source"), str)):
+        raise SeaEdgeError(f"{where}: field 'gpu' must be null or {{name, shared_memory, source}}")
+    aliases = entry.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        raise SeaEdgeError(f"{where}: field 'aliases' must be a list of names")
+    sources = {"total_ram": s_total, "reserved": s_res, "memory_bandwidth": s_bw, "cpu": cpu["source"]}
+    if s_app:
+        sources["per_app_limit"] = s_app
+    if gpu:
+        sources["gpu"] = gpu["source"]
+    return DeviceProfile(
+        name=name, description=str(entry.get("description", name)), total_ram_bytes=int(total * GiB),
+        reserved_bytes=int(reserved * GiB), memory_bandwidth_gbs=bw, arch=cpu.get("arch"), isa=tuple(isa),
+        cores=cores, per_app_limit_bytes=int(per_app * GiB) if per_app is not None else None,
+        gpu=dict(gpu) if gpu else None, sources=sources, aliases=tuple(aliases))
+
+
+def _read_profiles_file(path: Path) -> dict[str, DeviceProfile]:
+    path = Path(path)
+    if not path.is_file():
+        raise SeaEdgeError(f"device profile file {path} does not exist")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        else:
+            data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise SeaEdgeError(f"device profile file {path} is not valid {kind}: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != PROFILES_FORMAT:
+        raise SeaEdgeError(f"{path}: field 'format' must be {PROFILES_FORMAT!r}")
+    devices = data.get("devices")
+    if not isinstance(devices, dict) or not devices:
+        raise SeaEdgeError(f"{path}: field 'devices' must be a non-empty object of name -> profile")
+    return {name: _profile(name, entry, path.name) for name, entry in devices.items()}
+
+
+def load_profiles(extra_file: str | Path | None = None) -> dict[str, DeviceProfile]:
+    """The built-in device profiles (runtime/profiles.json), plus and overridden by those of `extra_file` (JSON or
+    TOML, same format). Raises SeaEdgeError naming the file, device and field of a malformed profile."""
+    profiles = _read_profiles_file(PROFILES_FILE)
+    if extra_file is not None:
+        profiles.update(_read_profiles_file(Path(extra_file)))
+    return profiles
+
+
+def get_device(name: str, profiles_file: str | Path | None = None) -> DeviceProfile:
+    """The profile called `name` (or one of its aliases); SeaEdgeError listing the known ones otherwise."""
+    profiles = load_profiles(profiles_file)
+    if name in profiles:
+        return profiles[name]
+    for p in profiles.values():
+        if name in p.aliases:
+            return p
+    raise SeaEdgeError(f"unknown device {name!r}: known devices are {', '.join(sorted(profiles))} "
+                       f"(add your own with a profiles file)")
+
+
+# -- model dimensions -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the memory model needs from a manifest (source_model + sea_config + files)."""
+
+    name: str
+    attention: str  # "sea" or "dense": what the folder holds
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    max_positions: int
+    tied: bool
+    weight_bytes: int
+    """Bytes of the prefill graph's stored weights (external data file(s), else the graph file)."""
+    quantization: str = "none"
+    # SEA (None for a dense folder)
+    k: int | None = None
+    compressed_width: int | None = None
+    n_features: int | None = None
+    decoder_channels: int | None = None
+    decoder_ratio: int | None = None
+    head_cap_factor: float | None = None
+    performer_chunk: int | None = None
+    budget_length: int | None = None
+    unused_topk_retained: bool = True
+    """The prefill graph leaves the values of its mask TopK nodes unread (manifest graphs.prefill
+    "unused_topk_retained", default true for sea-edge-model/1): onnxruntime then holds them to the end of the run."""
+
+    @property
+    def has_sea(self) -> bool:
+        return self.compressed_width is not None
+
+    @property
+    def teacher_params(self) -> int:
+        """Parameters of the Llama-family teacher: embedding, layers, final norm (and an untied lm_head)."""
+        E, D, H, Hkv, I = self.hidden_size, self.head_dim, self.n_heads, self.n_kv_heads, self.intermediate_size
+        layer = E * H * D * 2 + E * Hkv * D * 2 + 3 * E * I + 2 * E
+        return self.vocab_size * E * (1 if self.tied else 2) + self.n_layers * layer + E
+
+
+def _weight_bytes(man: dict) -> int:
+    files, prefill = man["files"], man["graphs"]["prefill"]["file"]
+    ext = [n for n in files if n in (prefill + ".data", prefill + "_data")]
+    if ext:
+        return int(sum(files[n]["bytes"] for n in ext))
+    return int(files[prefill]["bytes"])
+
+
+def model_dims(folder_or_manifest: str | Path | dict) -> ModelDims:
+    """ModelDims of an exported folder (its manifest is read, files are not hashed) or of a manifest dict."""
+    if isinstance(folder_or_manifest, dict):
+        man = folder_or_manifest
+    else:
+        from .manifest import read_folder
+
+        man = read_folder(Path(folder_or_manifest), verify=False)
+    try:
+        sm = man["source_model"]
+        attention = man.get("attention", "sea")
+        sea = man.get("sea_config") or {}
+        dims = {
+            "name": str(sm.get("name", "model")), "attention": attention, "n_layers": int(sm["n_layers"]),
+            "n_heads": int(sm["n_heads"]), "n_kv_heads": int(sm.get("n_kv_heads") or sm["n_heads"]),
+            "head_dim": int(sm["head_dim"]), "hidden_size": int(sm["hidden_size"]),
+            "intermediate_size": int(sm["intermediate_size"]), "vocab_size": int(sm["vocab_size"]),
+            "max_positions": int(sm.get("max_positions") or 0), "tied": bool(sm.get("tie_word_embeddings", False)),
+            "weight_bytes": _weight_bytes(man),
+            "quantization": str((man.get("quantization") or {}).get("scheme", "none"))}
+        if attention == "sea":
+            dims.update(k=int(sea["k"]), compressed_width=int(sm["compressed_width"]),
+                        n_features=int(sm["n_features"]), decoder_channels=int(sm["decoder_channels"]),
+                        decoder_ratio=int(sm["decoder_ratio"]), head_cap_factor=float(sea["head_cap_factor"]),
+                        performer_chunk=int(sea["performer_chunk"]), budget_length=sea.get("budget_length"),
+                        unused_topk_retained=bool(man["graphs"]["prefill"].get("unused_topk_retained", True)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SeaEdgeError(f"manifest lacks what the memory model needs: {exc!r}") from None
+    return ModelDims(**dims)
+
+
+def mask_budget(dims: ModelDims, S: int) -> tuple[int, int, int]:
+    """(n_cols, head_cap, span) of sea_edge.config.budget in plain integers (the runtime may not import torch)."""
+    K, H = dims.compressed_width, dims.n_heads
+    if dims.budget_length is not None:
+        S = int(dims.budget_length)
+    span = (S + K - 1) // K
+    n_cols = max(1, (H * dims.k) // span)
+    fair = (n_cols + H - 1) // H
+    f = Fraction(dims.head_cap_factor)
+    capped = (f.numerator * n_cols + f.denominator * H - 1) // (f.denominator * H)
+    return n_cols, min(K, n_cols, max(fair, capped)), span
+
+
+# -- the analytic model ---------------------------------------------------------------------------------------------
+
+def _weights_resident(dims: ModelDims, attention: str) -> int:
+    """Stored weights plus the transposed lm_head copy onnxruntime folds when the embedding is tied. The dense
+    baseline of a SEA folder: the teacher's parameters at the stored bytes per parameter (no estimator)."""
+    per_param = dims.weight_bytes / dims.teacher_params  # ~4 for fp32 (the estimator adds ~2%)
+    stored = dims.weight_bytes if attention == dims.attention else int(dims.teacher_params * min(per_param, 4.0))
+    tied_copy = int(dims.vocab_size * dims.hidden_size * min(per_param, 4.0)) if dims.tied else 0
+    return stored + tied_copy
+
+
+def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = None) -> dict:
+    """Analytic peak resident bytes of one prefill of T tokens, batch B, under SETTINGS (module docstring).
+
+    attention: "sea" or "dense" (default: what the folder holds; "sea" needs a SEA manifest). Returns
+    {"components": {name: bytes for name in COMPONENTS}, "total_bytes", "peak_phase": "lm_head" | "attention"}.
+    The peak is the larger of two moments: the lm_head (every layer's outputs and retained buffers, plus the logits)
+    and the last layer's attention (everything but the logits, plus the layer's transient working set).
+    """
+    attention = attention or dims.attention
+    if attention == "sea" and not dims.has_sea:
+        raise SeaEdgeError("this folder has no SEA configuration (a dense export): only attention='dense'")
+    L, H, Hkv, D = dims.n_layers, dims.n_heads, dims.n_kv_heads, dims.head_dim
+    E, I, V, f32, i64 = dims.hidden_size, dims.intermediate_size, dims.vocab_size, 4, 8
+    S = T
+    comp = dict.fromkeys(COMPONENTS, 0)
+    comp["weights"] = _weights_resident(dims, attention)
+    comp["runtime"] = CALIBRATION["runtime_base_bytes"] + L * CALIBRATION["session_bytes_per_layer"][attention]
+    comp["kv_cache"] = L * 2 * B * Hkv * S * D * f32
+    hidden = 2 * B * T * E * f32  # the residual stream and the normed input of the next matmul
+    mlp = 3 * B * T * I * f32  # gate, up, and their product
+    logits = B * T * V * f32
+    if attention == "sea":
+        K, m, C, r = dims.compressed_width, dims.n_features, dims.decoder_channels, dims.decoder_ratio
+        W = D + K + 1
+        _, c, span = mask_budget(dims, S)
+        w = c * span
+        comp["sea_state"] = L * B * (Hkv * m * W + 2 * H * C * 2 * (K // r)) * f32
+        # unused TopK outputs: the final sort's values (B, H, T, w), the column sort's (B, H, T, c) int64, and the
+        # head ranking's (B, T, H c) fp32; alive until the run ends
+        retained_layer = B * H * T * w * i64 + B * H * T * c * i64 + B * T * H * c * f32
+        retained_layer *= dims.unused_topk_retained
+        # a layer's transient peak, from the graph: the mask's interpolation (B, H, T, c, span) int64 and its sort
+        # (two copies each), the estimate (B, H, T, K) twice, or the sparse attention's gathered rows of a 64-row block
+        # (B, H, 64, w, D) x 3 beside the expanded keys and values (B, H, S, D) x 2
+        N = -(-T // dims.performer_chunk)
+        transient = max(4 * B * H * T * w * i64 + 2 * B * H * T * K * f32,
+                        2 * B * Hkv * N * m * W * f32 + 2 * B * H * T * W * f32,
+                        3 * B * H * 64 * w * D * f32 + 2 * B * H * S * D * f32 + 2 * B * H * T * w * i64)
+        at_head = L * retained_layer + logits + hidden
+        at_layer = L * retained_layer + transient + hidden + mlp
+        if at_head >= at_layer:
+            comp.update(sea_mask=L * retained_layer, logits=logits, activations=hidden)
+            phase = "lm_head"
+        else:
+            comp.update(sea_mask=L * retained_layer, attention=transient, activations=hidden + mlp)
+            phase = "attention"
+    else:
+        causal_mask = B * T * S * f32  # (B, 1, T, S), built once and read by every layer
+        scores = 2 * B * H * T * S * f32  # scores and their softmax
+        at_head = logits + hidden + causal_mask
+        at_layer = scores + causal_mask + hidden
+        if at_head >= at_layer:
+            comp.update(logits=logits, activations=hidden, attention=causal_mask)
+            phase = "lm_head"
+        else:
+            comp.update(attention=scores + causal_mask, activations=hidden)
+            phase = "attention"
+    live = sum(v for k, v in comp.items() if k not in ("weights", "runtime"))
+    comp["allocator_slack"] = int(CALIBRATION["allocator_slack"] * live)
+    comp = {k: int(v) for k, v in comp.items()}
+    return {"components": comp, "total_bytes": sum(comp.values()), "peak_phase": phase, "attention": attention}
+
+
+def max_context(dims: ModelDims, limit_bytes: int, B: int = 1, attention: str | None = None) -> int:
+    """The largest T (at most the model's max positions) whose estimated peak fits `limit_bytes`; 0 if none."""
+    hi = dims.max_positions or 1 << 20
+    if estimate_peak(dims, 1, B, attention)["total_bytes"] > limit_bytes:
+        return 0
+    if estimate_peak(dims, hi, B, attention)["total_bytes"] <= limit_bytes:
+        return hi
+    lo = 1  # fits; hi does not (the peak grows with T)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if estimate_peak(dims, mid, B, attention)["total_bytes"] <= limit_bytes:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# -- the report -----------------------------------------------------------------------------------------------------
+
+_INT = {"type": "integer", "minimum": 0}
+_COMPS = {"type": "object", "properties": {c: _INT for c in COMPONENTS}, "required": list(COMPONENTS),
+          "additionalProperties": False}
+_ESTIMATE = {"type": "object", "required": ["components", "total_bytes", "peak_phase", "fits"],
+             "properties": {"components": _COMPS, "total_bytes": _INT, "peak_phase": {"enum": ["lm_head", "attention"]},
+                            "fits": {"type": "boolean"}, "attention": {"enum": ["sea", "dense"]}}}
+REPORT_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "sea-edge budget report",
+    "type": "object",
+    "required": ["schema", "folder", "model", "attention", "quantization", "device", "context", "batch", "settings",
+                 "sea", "dense", "limit_bytes", "headroom_bytes", "verdict", "max_context", "curve", "measured",
+                 "calibration"],
+    "properties": {
+        "schema": {"const": "sea-edge-budget/1"},
+        "folder": {"type": "string"},
+        "model": {"type": "string"},
+        "attention": {"enum": ["sea", "dense"]},
+        "quantization": {"type": "string"},
+        "device": {"type": "object", "required": ["name", "total_ram_bytes", "reserved_bytes", "limit_bytes",
+                                                   "memory_bandwidth_gbs", "arch", "isa", "quant_preset", "sources"],
+                   "properties": {"name": {"type": "string"}, "total_ram_bytes": _INT, "reserved_bytes": _INT,
+                                  "per_app_limit_bytes": {"type": ["integer", "null"]}, "limit_bytes": _INT,
+                                  "memory_bandwidth_gbs": {"type": "number"}, "arch": {"enum": list(ARCHES)},
+                                  "isa": {"type": "array", "items": {"type": "string"}},
+                                  "quant_preset": {"enum": list(QUANT_PRESETS)},
+                                  "sources": {"type": "object"}}},
+        "context": {"type": "integer", "minimum": 1},
+        "batch": {"type": "integer", "minimum": 1},
+        "settings": {"type": "object"},
+        "sea": {"oneOf": [_ESTIMATE, {"type": "null"}]},
+        "dense": _ESTIMATE,
+        "limit_bytes": _INT,
+        "headroom_bytes": {"type": "integer"},
+        "verdict": {"enum": ["fits", "tight", "does not fit"]},
+        "max_context": {"type": "object", "required": ["sea", "dense", "ratio", "max_positions"],
+                        "properties": {"sea": {"type": ["integer", "null"], "minimum": 0},
+                                       "dense": {"type": "integer", "minimum": 0},
+                                       "ratio": {"type": ["number", "null"]}, "max_positions": _INT}},
+        "curve": {"type": "object", "required": ["context", "sea_bytes", "dense_bytes"],
+                  "properties": {"context": {"type": "array", "items": {"type": "integer"}},
+                                 "sea_bytes": {"type": "array", "items": {"type": ["integer", "null"]}},
+                                 "dense_bytes": {"type": "array", "items": {"type": "integer"}}}},
+        "measured": {"oneOf": [{"type": "null"},
+                               {"type": "object", "required": ["peak_rss_bytes", "rss_after_load", "seconds",
+                                                               "settings", "error_pct"],
+                                "properties": {"peak_rss_bytes": _INT, "rss_after_load": _INT,
+                                               "seconds": {"type": "number"}, "settings": {"type": "object"},
+                                               "error_pct": {"type": "number"}}}]},
+        "calibration": {"type": "object"},
+    },
+}
+"""JSON Schema (draft 2020-12 subset: type, enum, const, required, properties, additionalProperties, items,
+minimum, oneOf) of budget_report's result. validate_report checks a report against it without jsonschema."""
+
+
+def _type_ok(value, t: str) -> bool:
+    return {"object": isinstance(value, dict), "array": isinstance(value, list), "string": isinstance(value, str),
+            "boolean": isinstance(value, bool), "null": value is None,
+            "integer": isinstance(value, int) and not isinstance(value, bool),
+            "number": isinstance(value, (int, float)) and not isinstance(value, bool)}[t]
+
+
+def _validate(value, schema: dict, path: str) -> list[str]:
+    errs = []
+    if "oneOf" in schema:
+        alts = [_validate(value, s, path) for s in schema["oneOf"]]
+        ok = sum(not e for e in alts)
+        if ok == 0:
+            # the errors of the closest alternative: one whose type matched, then the fewest errors
+            return min(alts, key=lambda e: (e[0].endswith(f"got {type(value).__name__}"), len(e)))
+        return [f"{path}: matches several alternatives"] if ok > 1 else []
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_type_ok(value, t) for t in types):
+            return [f"{path}: expected {'/'.join(types)}, got {type(value).__name__}"]
+    if "const" in schema and value != schema["const"]:
+        errs.append(f"{path}: must be {schema['const']!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        errs.append(f"{path}: {value!r} not one of {schema['enum']}")
+    if "minimum" in schema and isinstance(value, (int, float)) and value < schema["minimum"]:
+        errs.append(f"{path}: {value} < {schema['minimum']}")
+    if isinstance(value, dict):
+        for key in schema.get("required", []):
+            if key not in value:
+                errs.append(f"{path}: missing {key!r}")
+        props = schema.get("properties", {})
+        for key, sub in value.items():
+            if key in props:
+                errs += _validate(sub, props[key], f"{path}.{key}")
+            elif schema.get("additionalProperties") is False:
+                errs.append(f"{path}: unexpected {key!r}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            errs += _validate(item, schema["items"], f"{path}[{i}]")
+    return errs
+
+
+def validate_report(report: dict, schema: dict = REPORT_SCHEMA) -> None:
+    """Raise SeaEdgeError listing where `report` breaks REPORT_SCHEMA (uses jsonschema when installed)."""
+    try:
+        import jsonschema
+    except ImportError:
+        errs = _validate(report, schema, "report")
+    else:
+        errs = [f"report.{'.'.join(map(str, e.path))}: {e.message}"
+                for e in jsonschema.Draft202012Validator(schema).iter_errors(report)]
+    if errs:
+        raise SeaEdgeError(f"budget report does not match its schema: {'; '.join(errs[:5])}")
+
+
+def _curve_points(max_pos: int, context: int) -> list[int]:
+    pts = {context}
+    t = 64
+    while t < max_pos:
+        pts.add(t)
+        pts.add(int(t * 1.5))
+        t *= 2
+    pts.add(max_pos)
+    return sorted(p for p in pts if 1 <= p <= max_pos)
+
+
+def budget_report(folder: str | Path, device: str, context: int | None = None, batch: int = 1,
+                  measure: bool = False, profiles_file: str | Path | None = None) -> dict:
+    """Everything `sea-edge budget` shows, as a JSON-able dict (schema REPORT_SCHEMA).
+
+    folder: an exported folder. device: a profile name (load_profiles; `profiles_file` adds or overrides profiles).
+    context: T tokens of the prefill (default: the model's max positions). batch: B. measure: also run one prefill
+    of T tokens in a fresh process (measure_peak, Linux only) and report the analytic model's error against it.
+
+    Keys: schema, folder, model, attention, quantization, device (the profile, limit_bytes = what one process may
+    hold), context, batch, settings (the onnxruntime settings modelled), sea / dense (estimate_peak of each at T plus
+    "fits"; sea is null for a dense folder), limit_bytes, headroom_bytes (limit - total of the folder's own
+    attention; negative = over), verdict ("fits", "tight" = under 10% headroom, "does not fit"), max_context
+    ({sea, dense, ratio = sea / dense, max_positions}), curve ({context, sea_bytes, dense_bytes} for the plot),
+    measured (null or {peak_rss_bytes, rss_after_load, seconds, settings, error_pct}), calibration.
+    Raises SeaEdgeError for an unknown device, a malformed profile file, a bad folder, or T beyond max positions.
+    """
+    profile = get_device(device, profiles_file)
+    dims = model_dims(folder)
+    max_pos = dims.max_positions
+    T = max_pos if context is None else int(context)
+    if T < 1:
+        raise SeaEdgeError(f"context must be >= 1, got {T}")
+    if max_pos and T > max_pos:
+        raise SeaEdgeError(f"context {T} is beyond the model's {max_pos} positions")
+    if batch < 1:
+        raise SeaEdgeError(f"batch must be >= 1, got {batch}")
+    limit = profile.limit_bytes
+    kinds = ["sea", "dense"] if dims.has_sea else ["dense"]
+    est = {}
+    for kind in kinds:
+        e = estimate_peak(dims, T, batch, kind)
+        est[kind] = {**e, "fits": e["total_bytes"] <= limit}
+    own = est[dims.attention]
+    headroom = limit - own["total_bytes"]
+    verdict = "does not fit" if headroom < 0 else ("tight" if headroom < FIT_MARGIN * limit else "fits")
+    mc = {kind: max_context(dims, limit, batch, kind) for kind in kinds}
+    ratio = (mc["sea"] / mc["dense"]) if dims.has_sea and mc["dense"] else None
+    pts = _curve_points(max_pos or T, T)
+    curve = {"context": pts,
+             "sea_bytes": [estimate_peak(dims, t, batch, "sea")["total_bytes"] if dims.has_sea else None for t in pts],
+             "dense_bytes": [estimate_peak(dims, t, batch, "dense")["total_bytes"] for t in pts]}
+    measured = None
+    if measure:
+        from .measure import measure_peak
+
+        m = measure_peak(folder, T, batch)
+        measured = {k: m[k] for k in ("peak_rss_bytes", "rss_after_load", "load_peak_rss_bytes", "seconds",
+                                      "settings")}
+        measured["error_pct"] = round(100.0 * (own["total_bytes"] - m["peak_rss_bytes"]) / m["peak_rss_bytes"], 2)
+    report = {
+        "schema": "sea-edge-budget/1", "folder": str(folder), "model": dims.name, "attention": dims.attention,
+        "quantization": dims.quantization, "device": profile.to_dict(), "context": T, "batch": batch,
+        "settings": dict(SETTINGS), "sea": est.get("sea"), "dense": est["dense"], "limit_bytes": limit,
+        "headroom_bytes": headroom, "verdict": verdict,
+        "max_context": {"sea": mc.get("sea"), "dense": mc["dense"], "ratio": ratio, "max_positions": max_pos},
+        "curve": curve, "measured": measured,
+        "calibration": {k: v for k, v in CALIBRATION.items()},
+    }
+    return report
+
+
+# -- presentation ---------------------------------------------------------------------------------------------------
+
+def _fmt(n: int | None) -> str:
+    if n is None:
+        return "-"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    return f"{sign}{n / GiB:.2f} GiB" if n >= GiB else f"{sign}{n / MiB:.0f} MiB"
+
+
+def render_table(report: dict):
+    """A rich Table of the report: each component for SEA and dense, total, device limit, headroom, verdict, max
+    context."""
+    from rich.table import Table
+
+    dev, T, B = report["device"], report["context"], report["batch"]
+    title = (f"{report['model']} ({report['attention']}, {report['quantization']}) on {dev['name']}: "
+             f"prefill of {T} tokens, batch {B}")
+    table = Table(title=title, min_width=len(title))
+    table.add_column("component")
+    has_sea = report["sea"] is not None
+    if has_sea:
+        table.add_column("SEA", justify="right")
+    table.add_column("dense", justify="right")
+    cols = (["sea"] if has_sea else []) + ["dense"]
+    for c in COMPONENTS:
+        vals = [report[k]["components"][c] for k in cols]
+        if any(vals):
+            table.add_row(c, *[_fmt(v) for v in vals])
+    table.add_section()
+    table.add_row("total (peak)", *[_fmt(report[k]["total_bytes"]) for k in cols], style="bold")
+    limit = report["limit_bytes"]
+    table.add_row("device limit", *[_fmt(limit)] * len(cols))
+    table.add_row("headroom", *[_fmt(limit - report[k]["total_bytes"]) for k in cols])
+    verdicts = []
+    for k in cols:
+        head = limit - report[k]["total_bytes"]
+        verdicts.append("does not fit" if head < 0 else ("tight" if head < FIT_MARGIN * limit else "fits"))
+    table.add_row("verdict", *[f"[{'green' if v == 'fits' else 'yellow' if v == 'tight' else 'red'}]{v}[/]"
+                               for v in verdicts])
+    mc = report["max_context"]
+    table.add_row("max context", *[str(mc[k]) for k in cols])
+    if mc["ratio"] is not None:
+        table.caption = f"max context SEA / dense = {mc['ratio']:.2f}x (model max {mc['max_positions']})"
+    if report["measured"]:
+        m = report["measured"]
+        table.add_row("measured peak", _fmt(m["peak_rss_bytes"]) + f" ({m['error_pct']:+.1f}%)",
+                      *([""] if has_sea else []))
+    return table
+
+
+def list_devices_table(profiles_file: str | Path | None = None):
+    """A rich Table of the known device profiles."""
+    from rich.table import Table
+
+    table = Table(title="device profiles")
+    for col in ("name", "RAM", "reserved", "per-app limit", "usable", "bandwidth", "CPU", "quant preset", "GPU"):
+        table.add_column(col, no_wrap=col in ("name", "RAM", "usable", "bandwidth"))
+    for name, p in sorted(load_profiles(profiles_file).items()):
+        table.add_row(name + (f" ({', '.join(p.aliases)})" if p.aliases else ""), _fmt(p.total_ram_bytes),
+                      _fmt(p.reserved_bytes), _fmt(p.per_app_limit_bytes), _fmt(p.limit_bytes),
+                      f"{p.memory_bandwidth_gbs:g} GB/s", f"{p.arch} {'+'.join(p.isa)} x{p.cores}", p.quant_preset,
+                      (p.gpu or {}).get("name", "-"))
+    return table
+
+
+def plot_budget(report: dict, path: str | Path) -> Path:
+    """PNG of peak memory vs context for SEA and dense, the device limit, and each one's max context. Written
+    atomically (temporary file in the same folder, then rename)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    curve, limit, mc = report["curve"], report["limit_bytes"], report["max_context"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ctx = curve["context"]
+    if report["sea"] is not None:
+        ax.plot(ctx, [b / GiB for b in curve["sea_bytes"]], "o-", ms=3, label="SEA (analytic)")
+    ax.plot(ctx, [b / GiB for b in curve["dense_bytes"]], "s-", ms=3, label="dense (analytic)")
+    ax.axhline(limit / GiB, color="red", ls="--", lw=1, label=f"{report['device']['name']} limit")
+    for kind, color in (("sea", "C0"), ("dense", "C1")):
+        if mc.get(kind):
+            ax.axvline(mc[kind], color=color, ls=":", lw=1.2, label=f"{kind} max context {mc[kind]}")
+    if report["measured"]:
+        ax.plot([report["context"]], [report["measured"]["peak_rss_bytes"] / GiB], "k*", ms=10, label="measured")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context T (tokens)")
+    ax.set_ylabel("peak memory (GiB)")
+    ax.set_title(f"{report['model']}: prefill peak, batch {report['batch']}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
