@@ -192,15 +192,25 @@ def export_(
     quant: Annotated[Quant, typer.Option(help="Weight quantization of the exported model.")] = Quant.none,
     opset: Annotated[int, typer.Option(help="ONNX opset (18 runs on onnxruntime >= 1.16).")] = 18,
     force: Annotated[bool, typer.Option(help="Replace an existing non-empty --out.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="Print the memory-budget verdict for this device profile "
+                                                       "at the end (sea-edge budget --list-devices).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """The main job: teacher + SEA estimator -> one ONNX model (attention = sea_edge::SparseAttention), validated
     against torch, with its manifest and tokenizer."""
     from sea_edge.export.exporter import ExportConfig, export
 
+    if device is not None:
+        from sea_edge.runtime.budget import get_device
+
+        get_device(device)  # an unknown device fails before the export, not after
     r = export(ExportConfig(out=out, model=model, estimator=estimator, quant=quant.value, opset=opset, force=force),
                progress=progress)
     _stdout.print(_export_table(r), highlight=False)
+    if device is not None:
+        from sea_edge.runtime.budget import budget_report, render_table
+
+        _stdout.print(render_table(budget_report(out, device)), highlight=False)
 
 
 def _export_table(r):
@@ -278,6 +288,42 @@ def _quant_table(reports):
                       f"{r['mask_agreement']:.3f}", f"{t['fp32']:.2f} / {t['quantized']:.2f}",
                       f"{worst[1]['min']:.1f} ({worst[0]})" if worst else "-")
     return table
+
+
+@app.command("budget")
+@user_errors
+def budget_cmd(
+    folder: Annotated[Optional[Path], typer.Argument(help="A folder written by `sea-edge export`.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Device profile (see --list-devices).")] = None,
+    context: Annotated[Optional[int], typer.Option(help="Context length T to check (default: the model's "
+                                                        "maximum).")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
+    measure: Annotated[bool, typer.Option(help="Also run the model at T in a fresh process and report its measured "
+                                               "peak RSS beside the analytic figure.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of memory vs context (SEA and dense, the "
+                                                      "device's limit).")] = None,
+    profiles: Annotated[Optional[Path], typer.Option(help="Extra device profiles (JSON, same schema).")] = None,
+    list_devices: Annotated[bool, typer.Option("--list-devices", help="List the device profiles and exit.")] = False,
+) -> None:
+    """Does the exported model fit a device at this context length, and what is the longest context that fits
+    (SEA vs dense)? Analytic per-component peak memory, optionally measured."""
+    from sea_edge.runtime.budget import budget_report, list_devices_table, plot_budget, render_table
+
+    if list_devices:
+        _stdout.print(list_devices_table(profiles), highlight=False)
+        return
+    if folder is None or device is None:
+        raise SeaEdgeError("budget needs an export folder and --device (or --list-devices)")
+    report = budget_report(folder, device, context=context, batch=batch, measure=measure, profiles_file=profiles)
+    _stdout.print(render_table(report), highlight=False)
+    if json_out is not None:
+        from sea_edge.artifacts import atomic_write_json
+
+        atomic_write_json(json_out, report)
+        _stdout.print(f"wrote {json_out}", highlight=False)
+    if plot is not None:
+        _stdout.print(f"wrote {plot_budget(report, plot)}", highlight=False)
 
 
 @app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
