@@ -75,6 +75,10 @@ class Split(str, Enum):
 @app.command("eval")
 @user_errors
 def eval_(
+    folder: Annotated[Optional[Path], typer.Argument(help="An exported folder (sea-edge export): evaluate it with "
+                                                          "the onnxruntime runtime instead of a torch model.")] = None,
+    text: Annotated[Optional[Path], typer.Option(help="With a folder: a UTF-8 text file to score (default: the "
+                                                      "validation split).")] = None,
     model: Annotated[
         str, typer.Option(help="Teacher name (smollm2-135m, minilm-l6) or a local Hugging Face model directory.")
     ] = "smollm2-135m",
@@ -99,7 +103,13 @@ def eval_(
     device: Annotated[Device, typer.Option(help="Where the model runs.")] = Device.cpu,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
 ) -> None:
-    """Perplexity of a model (dense teacher, or SEA with --estimator) on the corpus, with tokens/s and peak memory."""
+    """Perplexity of a model (dense teacher, or SEA with --estimator; or an exported folder through the runtime) on
+    the corpus or a text file, with tokens/s and peak memory."""
+    if folder is not None:
+        _eval_folder(folder, text, seq_len, max_windows, batch_size, device.value)
+        return
+    if text is not None:
+        raise SeaEdgeError("--text needs an exported folder (sea-edge eval DIR --text FILE)")
     from sea_edge.evaluation import EvalConfig, evaluate
 
     if quality:
@@ -109,6 +119,61 @@ def eval_(
                         estimator=estimator, k=k, device=device.value)
     report = evaluate(config, progress=progress)
     _stdout.print(_eval_table(report))
+
+
+def _eval_folder(folder: Path, text_file: Path | None, seq_len: int, max_windows, batch_size: int, device: str):
+    from rich.table import Table
+
+    from sea_edge.runtime import SeaSession
+
+    if text_file is not None:
+        if not text_file.is_file():
+            raise SeaEdgeError(f"--text {text_file}: no such file")
+        try:
+            body, what = text_file.read_text(encoding="utf-8"), str(text_file)
+        except UnicodeDecodeError:
+            raise SeaEdgeError(f"--text {text_file} is not UTF-8 text") from None
+    else:
+        from sea_edge.data import load_corpus
+
+        body, what = load_corpus("validation"), "validation split"
+    sess = SeaSession(folder, device=device)
+    r = sess.perplexity(body, seq_len, max_windows=max_windows, batch_size=batch_size)
+    table = Table(title=f"{folder} ({sess.attention}) on {what}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for name, value in (("perplexity", f"{r.ppl:.3f}"), ("NLL (nats/token)", f"{r.nll:.4f}"),
+                        ("seq len", str(r.seq_len)), ("windows", str(r.windows)), ("tokens scored", f"{r.tokens:,}"),
+                        ("tokens/s", f"{r.tokens_per_s:,.1f}"), ("eval time (s)", f"{r.seconds:.1f}"),
+                        ("peak RSS (MiB)", f"{r.peak_rss_mib:,.0f}")):
+        table.add_row(name, value)
+    _stdout.print(table, highlight=False)
+
+
+@app.command("run")
+@user_errors
+def run_(
+    folder: Annotated[Path, typer.Argument(help="An exported folder (sea-edge export).")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    device: Annotated[Device, typer.Option(help="cpu, or cuda (onnxruntime-gpu).")] = Device.cpu,
+) -> None:
+    """Generate text from an exported model with the onnxruntime runtime, streaming tokens as they come."""
+    from sea_edge.runtime import SeaSession
+
+    if max_new_tokens < 1:
+        raise SeaEdgeError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    sess = SeaSession(folder, device=device.value)
+    _stdout.print(prompt, end="", highlight=False, markup=False)
+    r = sess.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      seed=seed, stream=lambda piece: _stdout.print(piece, end="", highlight=False, markup=False))
+    _stdout.print()
+    _stderr.print(f"[dim]{r.prompt_tokens} prompt tokens, {len(r.tokens)} new ({r.finish_reason}); prefill "
+                  f"{r.prefill_seconds:.2f} s, decode {r.decode_tokens_per_s:.1f} tokens/s[/]", highlight=False)
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:

@@ -1,0 +1,357 @@
+"""SeaSession: run a folder written by `sea-edge export` (SEA) or by sea_edge.export.dense (the dense baseline)
+with onnxruntime, as a device would: NumPy, onnxruntime and tokenizers only, no torch.
+
+    s = SeaSession("smollm2-sea")                   # manifest read, every file's sha256 checked, graphs opened
+    s.generate("Once upon a time", max_new_tokens=32, stream=print).text
+    s.generate(["Hi", "A longer prompt"])           # a batch: left padding
+    s.perplexity(text, seq_len=256, max_windows=2)  # the protocol of sea_edge.evaluation.perplexity
+
+Generation = one prefill of the prompt, then one decode step per new token. The state a step hands to the next is
+whatever the graphs say it is: every `present.<name>` output feeds the next step's `past_key_values.<name>` input.
+A SEA folder carries the KV cache plus SEA's own state (Performer prefix sums, the decoder CNN's last rows) through
+two graphs (model.onnx, decode.onnx); a dense folder from optimum has one graph that takes an empty cache for the
+prefill. Batches are left-padded; position ids are cumsum(attention_mask) - 1 clamped at 0, as at export.
+
+SEA's mask budget depends on the context length S (k K / S columns per row, SEA.md step 4), so a decode step's row
+equals the row a full recompute of the whole sequence gives, and earlier rows equal theirs as long as ceil(S / K)
+has not changed since they were computed. SEA's estimator also files each key under compressed column
+floor(slot K / max_positions) of its "eye" basis by its slot in the (left-padded) cache, not by its position id:
+within the first max_positions / K slots (32 for SmolLM2) padding changes nothing and a batch gives exactly each
+prompt's own logits; past that a padded prompt's keys sit one column off and its logits move slightly (greedy
+tokens mostly still agree). See tests/test_runtime.py::test_batch_matches_each_prompt_alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sea_edge.errors import SeaEdgeError
+
+from .manifest import read_folder
+from .perplexity import PerplexityResult, peak_rss_mib, token_windows, window_nll_sum
+from .sampling import SamplingConfig, next_tokens
+
+__all__ = ["DEVICES", "OPTIMIZATION_LEVELS", "GenerationResult", "RuntimeConfig", "SeaSession"]
+
+DEVICES = ("cpu", "cuda")
+OPTIMIZATION_LEVELS = ("off", "basic", "extended", "all")
+PAST, PRESENT = "past_key_values.", "present."
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a folder is opened. Defaults: CPU, every onnxruntime graph optimization (the results match torch: see
+    tests/test_runtime.py), the runtime's own thread count, files verified (a few seconds per GB)."""
+
+    device: str = "cpu"
+    threads: int | None = None
+    """onnxruntime intra-op threads; None = onnxruntime's default (one per physical core)."""
+    verify: bool = True
+    """Check every file's sha256 against the manifest before opening (sizes are always checked)."""
+    optimization: str = "all"
+    """onnxruntime graph optimization level: off, basic, extended, all."""
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise SeaEdgeError(f"unknown device {self.device!r}: use one of {', '.join(DEVICES)}")
+        if self.threads is not None and self.threads < 1:
+            raise SeaEdgeError(f"threads must be >= 1, got {self.threads}")
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise SeaEdgeError(f"unknown optimization {self.optimization!r}: use one of "
+                               f"{', '.join(OPTIMIZATION_LEVELS)}")
+
+
+@dataclass
+class GenerationResult:
+    """What `generate` produced. For a single prompt `text`, `tokens`, `prompt_tokens` and `finish_reason` are one
+    value each; for a list of prompts, lists in prompt order."""
+
+    text: str | list[str]
+    tokens: list[int] | list[list[int]]  # new tokens only, the EOS included when generation stopped on it
+    prompt_tokens: int | list[int]
+    finish_reason: str | list[str]  # "eos" or "length"
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+    decode_tokens_per_s: float  # batch * decode_steps / decode_seconds (0 when there was no decode step)
+
+
+class SeaSession:
+    """An exported folder opened for inference; see the module docstring."""
+
+    def __init__(self, folder: str | Path, device: str = "cpu", threads: int | None = None, verify: bool = True,
+                 optimization: str = "all"):
+        self.config = RuntimeConfig(device, threads, verify, optimization)
+        import onnxruntime as ort
+
+        self._ort = ort
+        if self.config.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise SeaEdgeError("device 'cuda' needs onnxruntime-gpu (this onnxruntime has no CUDAExecutionProvider: "
+                               f"{', '.join(ort.get_available_providers())})")
+        self.folder = Path(folder)
+        self.manifest = read_folder(self.folder, self.config.verify)
+        self.attention: str = self.manifest.get("attention", "sea")
+        self.max_positions = int(self.manifest["source_model"].get("max_positions") or 0)
+        graphs = self.manifest["graphs"]
+        self._files = {role: graphs[role]["file"] for role in ("prefill", "decode")}
+        self._sessions: dict = {}
+        self._prefill = self._session(self._files["prefill"])
+        self.tokenizer = self._load_tokenizer()
+        self.eos_ids, self.pad_id = self._special_ids()
+        # state names in the decode graph's order; prefill and decode both output present.<name> for each
+        self.past_names = [n for n in graphs["decode"]["inputs"] if n.startswith(PAST)]
+        self.present_names = [PRESENT + n[len(PAST):] for n in self.past_names]
+
+    # -- opening -----------------------------------------------------------------------------------------------------
+    def _session(self, file: str):
+        """The onnxruntime session of `file` (graphs sharing a file share the session)."""
+        if file in self._sessions:
+            return self._sessions[file]
+        ort = self._ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {
+            "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[self.config.optimization]
+        so.log_severity_level = 3
+        # Memory (measured by sea_edge.runtime.measure on the default export, what the budget report models):
+        # onnxruntime's default order runs each layer's SEA-state outputs last, keeping every layer's Performer
+        # blocks alive to the end, and buffer reuse parks freed buffers across layers: together about 2x the peak.
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        so.enable_mem_reuse = False
+        for key, value in self.manifest.get("quantization", {}).get("session_config", {}).items():
+            so.add_session_config_entry(key, value)  # e.g. fp32 activations in fused MatMulNBits (see export)
+        if self.config.threads is not None:
+            so.intra_op_num_threads = self.config.threads
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.config.device == "cuda"
+                     else ["CPUExecutionProvider"])
+        try:
+            sess = ort.InferenceSession(str(self.folder / file), so, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types, with long messages
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SeaEdgeError(f"onnxruntime cannot open {self.folder / file}: {first}") from exc
+        self._sessions[file] = sess
+        return sess
+
+    @property
+    def _decode(self):
+        """The decode graph, opened on first use: perplexity and prefill-only work never pay for its memory."""
+        return self._session(self._files["decode"])
+
+    def _load_tokenizer(self):
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        tok.no_truncation()  # a saved tokenizer may carry a max length; windows and prompts are checked here
+        tok.no_padding()
+        return tok
+
+    def _special_ids(self) -> tuple[tuple[int, ...], int]:
+        """(end-of-sequence ids, pad id). EOS: generation_config.json's eos_token_id (the model's own stop tokens,
+        what transformers' generate stops on) and the tokenizer's eos_token; they differ for GGUF teachers
+        (SmolLM2: <|im_end|> vs <|im_start|>), and stopping on either is what a chat needs."""
+
+        def read(name: str) -> dict:
+            p = self.folder / name
+            return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+        gen, names = read("generation_config.json"), {}
+        for cfg in (read("special_tokens_map.json"), read("tokenizer_config.json")):
+            for key in ("eos_token", "pad_token"):
+                v = cfg.get(key)
+                v = v.get("content") if isinstance(v, dict) else v
+                if isinstance(v, str):
+                    names.setdefault(key, v)
+        ids = gen.get("eos_token_id")
+        eos = [ids] if isinstance(ids, int) else list(ids or [])
+        if "eos_token" in names and self.tokenizer.token_to_id(names["eos_token"]) is not None:
+            eos.append(self.tokenizer.token_to_id(names["eos_token"]))
+        eos = tuple(dict.fromkeys(eos))
+        pad = gen.get("pad_token_id")
+        if pad is None and "pad_token" in names:
+            pad = self.tokenizer.token_to_id(names["pad_token"])
+        return eos, pad if pad is not None else (eos[0] if eos else 0)
+
+    # -- running the graphs ------------------------------------------------------------------------------------------
+    def _feeds(self, sess, ids, mask, pos, state: dict | None) -> dict:
+        names = {i.name for i in sess.get_inputs()}
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        feeds = {k: v for k, v in feeds.items() if k in names}  # some optimum graphs take no position_ids
+        if state is None and any(n in names for n in self.past_names):
+            state = self._empty_state(ids.shape[0])  # one graph for prefill and decode: an empty cache
+        if state is not None:
+            feeds.update(state)
+        return feeds
+
+    def _empty_state(self, B: int) -> dict:
+        shapes, dtypes = self.manifest["graphs"]["state_shapes"], {}
+        for i in self._prefill.get_inputs():
+            dtypes[i.name] = np.float16 if i.type == "tensor(float16)" else np.float32
+        out = {}
+        for n in self.past_names:
+            kind = n.rsplit(".", 1)[1]
+            shape = [B if d == "batch" else 0 if isinstance(d, str) else int(d) for d in shapes[kind]]
+            out[n] = np.zeros(shape, dtypes.get(n, np.float32))
+        return out
+
+    def _run(self, sess, ids, mask, pos, state, logits_only: bool = False):
+        outs = ["logits"] if logits_only else ["logits", *self.present_names]
+        res = sess.run(outs, self._feeds(sess, ids, mask, pos, state))
+        return res[0], dict(zip(self.past_names, res[1:]))
+
+    def prefill_logits(self, ids: np.ndarray) -> np.ndarray:
+        """Logits (B, T, V) of unpadded token windows ids (B, T) in one prefill."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        B, T = ids.shape
+        pos = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
+        return self._run(self._prefill, ids, np.ones((B, T), np.int64), pos, None, logits_only=True)[0]
+
+    # -- generation --------------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Prompt token ids, special tokens as the tokenizer adds them by default (what HF's tokenizer(text) gives)."""
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def generate(self, prompt: str | list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop_at_eos: bool = True, stream: Callable | None = None) -> GenerationResult:
+        """Continue `prompt` (or each prompt of a list, as one left-padded batch) by up to `max_new_tokens` tokens.
+        temperature 0 is greedy; `stream` is called with each new piece of text as soon as it is whole: stream(piece)
+        for one prompt, stream(i, piece) for a list."""
+        run = _Run(self, prompt, max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed), stop_at_eos)
+        for i, piece in run:
+            if stream is not None:
+                stream(piece) if run.single else stream(i, piece)
+        return run.result()
+
+    def stream(self, prompt: str | list[str], max_new_tokens: int = 64, **kw) -> Iterator:
+        """`generate` as an iterator of text pieces (one prompt) or of (i, piece) pairs (a list of prompts)."""
+        sampling = SamplingConfig(kw.pop("temperature", 0.0), kw.pop("top_k", None), kw.pop("top_p", None),
+                                  kw.pop("seed", None))
+        run = _Run(self, prompt, max_new_tokens, sampling, kw.pop("stop_at_eos", True))
+        if kw:
+            raise TypeError(f"stream() got unexpected arguments {sorted(kw)}")
+        for i, piece in run:
+            yield piece if run.single else (i, piece)
+
+    # -- perplexity --------------------------------------------------------------------------------------------------
+    def perplexity(self, text: str, seq_len: int, max_windows: int | None = None,
+                   batch_size: int = 1) -> PerplexityResult:
+        """Perplexity of `text` over non-overlapping `seq_len`-token windows (sea_edge.runtime.perplexity)."""
+        if seq_len < 2:
+            raise SeaEdgeError(f"seq_len must be >= 2 (the first token of each window is context only), got {seq_len}")
+        if self.max_positions and seq_len > self.max_positions:
+            raise SeaEdgeError(f"seq_len {seq_len} exceeds the model's maximum of {self.max_positions} positions")
+        if batch_size < 1:
+            raise SeaEdgeError(f"batch_size must be >= 1, got {batch_size}")
+        windows = token_windows(self.tokenizer, text, seq_len, max_windows)  # (N, T)
+        nll_sum = 0.0
+        start = time.perf_counter()
+        for b in range(0, len(windows), batch_size):
+            batch = windows[b:b + batch_size]
+            nll_sum += window_nll_sum(self.prefill_logits(batch), batch)
+        seconds = time.perf_counter() - start
+        n = len(windows)
+        tokens = n * (seq_len - 1)
+        nll = nll_sum / tokens
+        return PerplexityResult(ppl=float(np.exp(nll)), nll=nll, tokens=tokens, seconds=seconds,
+                                tokens_per_s=n * seq_len / seconds, peak_rss_mib=peak_rss_mib(), windows=n,
+                                seq_len=seq_len)
+
+
+class _Detokenizer:
+    """Incremental text of one row: a piece is released once it no longer ends in a partial UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(int(token))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return ""
+        piece, self.text = text[len(self.text):], text
+        return piece
+
+
+@dataclass
+class _Run:
+    """One generation: iterate it for (row, piece) pairs, then call result()."""
+
+    session: SeaSession
+    prompt: str | list[str]
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop_at_eos: bool
+    single: bool = field(init=False)
+    timing: dict = field(init=False)
+
+    def __post_init__(self):
+        self.single = isinstance(self.prompt, str)
+        prompts = [self.prompt] if self.single else list(self.prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise SeaEdgeError("prompt must be a string or a non-empty list of strings")
+        if self.max_new_tokens < 1:
+            raise SeaEdgeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self.rows = [self.session.encode(p) for p in prompts]
+        if any(not r for r in self.rows):
+            raise SeaEdgeError("a prompt encodes to no tokens")
+        longest, cap = max(map(len, self.rows)), self.session.max_positions
+        if cap and longest + self.max_new_tokens > cap:
+            raise SeaEdgeError(f"prompt ({longest} tokens) + max_new_tokens ({self.max_new_tokens}) exceeds the "
+                               f"model's {cap} positions")
+        self.detok = [_Detokenizer(self.session.tokenizer) for _ in self.rows]
+        self.finish = ["length"] * len(self.rows)
+        self.timing = {"prefill": 0.0, "decode": 0.0, "steps": 0}
+
+    def __iter__(self):
+        s, B = self.session, len(self.rows)
+        L = max(map(len, self.rows))
+        ids = np.full((B, L), s.pad_id, np.int64)
+        mask = np.zeros((B, L), np.int64)
+        for i, r in enumerate(self.rows):  # left padding: every row's last token is at column L - 1
+            ids[i, L - len(r):], mask[i, L - len(r):] = r, 1
+        pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+        decode = s._decode if self.max_new_tokens > 1 else None  # opened (once) before the clock starts
+        t = time.perf_counter()
+        logits, state = s._run(s._prefill, ids, mask, pos, None)
+        self.timing["prefill"] = time.perf_counter() - t
+        logits, pos = logits[:, -1], pos[:, -1:]  # (B, V), (B, 1)
+        rng = np.random.default_rng(self.sampling.seed)
+        done = np.zeros(B, bool)
+        eos = set(s.eos_ids) if self.stop_at_eos else set()
+        for step in range(self.max_new_tokens):
+            tok = next_tokens(logits, self.sampling, rng)  # (B,)
+            tok = np.where(done, s.pad_id, tok)
+            for i in np.flatnonzero(~done):
+                piece = self.detok[i].add(tok[i])
+                if piece:
+                    yield int(i), piece
+                if int(tok[i]) in eos:
+                    done[i], self.finish[i] = True, "eos"
+            if done.all() or step + 1 == self.max_new_tokens:
+                return
+            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)  # (B, S + 1)
+            pos = pos + 1
+            t = time.perf_counter()
+            logits, state = s._run(decode, tok[:, None], mask, pos, state)
+            self.timing["decode"] += time.perf_counter() - t
+            self.timing["steps"] += 1
+            logits = logits[:, -1]
+
+    def result(self) -> GenerationResult:
+        s = self.session
+        texts = [s.tokenizer.decode(d.ids, skip_special_tokens=True) for d in self.detok]
+        tokens = [d.ids for d in self.detok]
+        prompt_tokens = [len(r) for r in self.rows]
+        dec, steps = self.timing["decode"], self.timing["steps"]
+        one = (lambda x: x[0]) if self.single else (lambda x: x)
+        return GenerationResult(text=one(texts), tokens=one(tokens), prompt_tokens=one(prompt_tokens),
+                                finish_reason=one(self.finish), prefill_seconds=self.timing["prefill"],
+                                decode_seconds=dec, decode_steps=steps,
+                                decode_tokens_per_s=len(self.rows) * steps / dec if dec > 0 else 0.0)
