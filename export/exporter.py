@@ -123,25 +123,35 @@ def export(config: ExportConfig, progress: bool = False) -> ExportResult:
         from . import graphs
 
         causal = bool(model.sea_config.causal)
-        if not causal:
-            raise SeaEdgeError("export of bidirectional (encoder) models is not supported yet: only causal LMs")
-        prefill = graphs.export_prefill(model, config.opset)
-        advance(1)
-        decode = graphs.export_decode(model, config.opset)
+        if causal:
+            prefill = graphs.export_prefill(model, config.opset)
+            advance(1)
+            decode = graphs.export_decode(model, config.opset)
+        else:  # an encoder: one graph
+            prefill, decode = graphs.export_encoder(model, config.opset), None
+            advance(1)
         advance(1)
         parent = config.out.parent
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{config.out.name}.", suffix=".tmp"))
         try:
+            if not causal and config.quant != "none":
+                raise SeaEdgeError("--quant: only causal LMs are quantized at export (sea-edge quantize too)")
             quant = _quantize(model, prefill, decode, config.quant)
-            graphs.save_pair(prefill, decode, tmp / PREFILL, tmp / DECODE, WEIGHTS)
+            if causal:
+                graphs.save_pair(prefill, decode, tmp / PREFILL, tmp / DECODE, WEIGHTS)
+            else:
+                graphs.save_one(prefill, tmp / PREFILL, WEIGHTS)
             del prefill, decode
             tok.save_pretrained(str(tmp))
             advance(1)
             from . import validate as val
 
-            validation = val.validate_folder(tmp, model, tok, config.validate_tokens, config.min_agreement,
-                                             quant.get("session_config"))
+            if causal:
+                validation = val.validate_folder(tmp, model, tok, config.validate_tokens, config.min_agreement,
+                                                 quant.get("session_config"))
+            else:
+                validation = val.validate_encoder(tmp, model, tok, config.validate_tokens)
             advance(1)
             manifest = _manifest(config, model, tmp, est_dir, est_meta, quant, validation)
             from sea_edge.artifacts import atomic_write_json
@@ -250,7 +260,7 @@ def _manifest(config, model, folder: Path, est_dir: Path, est_meta: dict, quant:
         "quantization": quant,
         "opset": next(o.version for o in onnx.load(str(folder / PREFILL), load_external_data=False).opset_import
                       if o.domain in ("", "ai.onnx")),
-        "graphs": graphs.graph_manifest(model),
+        "graphs": graphs.graph_manifest(model) if model.sea_config.causal else graphs.encoder_manifest(model),
         "files": files,
         "versions": _versions(),
         "validation": validation,

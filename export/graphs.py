@@ -12,17 +12,26 @@ from pathlib import Path
 import onnx
 import torch
 
-from .model import STATE_KINDS, LlamaDecode, LlamaPrefill, io_names
+from .model import STATE_KINDS, BertEncoder, LlamaDecode, LlamaPrefill, io_names
 from .onnx_ops import attach_functions, custom_translation_table
 
-__all__ = ["example_inputs", "export_decode", "export_prefill", "graph_manifest", "model_dims", "save_pair"]
+__all__ = ["export_prefill", "export_decode", "export_encoder", "save_pair", "save_one", "model_dims",
+           "graph_manifest", "encoder_manifest", "example_inputs"]
+
+ENCODER_INPUTS, ENCODER_OUTPUTS = ["input_ids", "attention_mask", "token_type_ids"], ["last_hidden_state"]
 
 _EXAMPLE_B, _EXAMPLE_T, _EXAMPLE_PAST = 2, 33, 17  # not 0 or 1: torch.export would specialise those sizes
 
 
 def model_dims(model) -> dict:
+    from sea_edge.patch import sea_layers
+
     c = model.config
-    est = model.model.layers[0].self_attn.sea
+    est = sea_layers(model)[0].sea
+    if not model.sea_config.causal:
+        return {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "vocab_size": c.vocab_size,
+                "n_features": est.m, "compressed_width": est.K, "decoder_channels": est.C,
+                "decoder_ratio": est.cfg.decoder_ratio, "tie_word_embeddings": False}
     return {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "vocab_size": c.vocab_size,
             "n_features": est.m, "compressed_width": est.K, "decoder_channels": est.C,
             "decoder_ratio": est.cfg.decoder_ratio, "tie_word_embeddings": bool(c.tie_word_embeddings)}
@@ -112,6 +121,26 @@ def _fold_weight_transposes(model: onnx.ModelProto) -> None:
     gone = set(folded) | set(folded.values())
     for v in [v for v in g.value_info if v.name in gone]:
         g.value_info.remove(v)
+
+
+def encoder_manifest(model) -> dict:
+    return {"encoder": {"file": "model.onnx", "inputs": ENCODER_INPUTS, "outputs": ENCODER_OUTPUTS},
+            "n_layers": model.config.num_hidden_layers}
+
+
+def export_encoder(model, opset: int) -> onnx.ModelProto:
+    """A BERT-family encoder in SEA mode: one graph, dynamic batch and sequence."""
+    B = torch.export.Dim("batch", min=1, max=1024)
+    T = torch.export.Dim("sequence_length", min=2, max=model.config.max_position_embeddings)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (_EXAMPLE_B, _EXAMPLE_T), generator=g)
+    args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    return _export(BertEncoder(model).eval(), args, ({0: B, 1: T},) * 3, (ENCODER_INPUTS, ENCODER_OUTPUTS), opset)
+
+
+def save_one(model: onnx.ModelProto, path: Path, weights: str) -> None:
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=weights,
+                    size_threshold=1024)
 
 
 def export_prefill(model, opset: int) -> onnx.ModelProto:

@@ -93,3 +93,39 @@ def validate_folder(folder: Path, model, tok, tokens: int, min_agreement: float,
                                f"{r['top1_agreement']:.2%} of tokens (< {min_agreement:.0%}), max |logit diff| "
                                f"{r['max_abs_logit_diff']:.3g}")
     return out
+
+
+def validate_encoder(folder: Path, model, tok, tokens: int, min_agreement: float = 0.99,
+                     min_cosine: float = 0.99) -> dict:
+    """An encoder export: the checker, then ONNX Runtime's last_hidden_state against torch on two real validation
+    windows (the second with padding): per-token cosine similarity; at least `min_agreement` of the tokens must
+    reach `min_cosine` (the encoder's analogue of top-1 agreement: a near-tie in the estimate may pick another
+    column for a row, as for the LM)."""
+    from sea_edge.data import load_corpus
+
+    t0 = time.time()
+    register_schema()
+    try:
+        onnx.checker.check_model(str(folder / "model.onnx"), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise SeaEdgeError(f"exported model.onnx fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+    n = min(tokens, model.config.max_position_embeddings)
+    text = load_corpus("validation")
+    enc = tok([text[:20000], text[20000:21000]], truncation=True, max_length=n, padding="max_length",
+              return_tensors="pt")
+    feeds = {k: enc[k].numpy().astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+    out = ort_session(folder / "model.onnx").run(["last_hidden_state"], feeds)[0]
+    keep = feeds["attention_mask"].astype(bool)
+    a, b = out[keep].astype(np.float64), ref[keep].astype(np.float64)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    r = {"text": f"validation split, 2 windows of up to {n} tokens (the second padded)",
+         "min_token_cosine": float(cos.min()), "agreement": float((cos >= min_cosine).mean()),
+         "agreement_cosine": min_cosine, "rel_err": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+         "max_abs_diff": float(np.abs(a - b).max()), "positions": int(keep.sum()),
+         "seconds": round(time.time() - t0, 1)}
+    if not r["agreement"] >= min_agreement:
+        raise SeaEdgeError(f"validation failed: only {r['agreement']:.2%} of the tokens' hidden states reach a "
+                           f"cosine of {min_cosine} against torch (< {min_agreement:.0%})")
+    return r

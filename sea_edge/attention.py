@@ -67,7 +67,8 @@ def average_context(v, probs, key_valid, causal: bool, n_heads: int) -> torch.Te
     # key s lies in the column j with floor(jS/K) <= s < floor((j+1)S/K), i.e. j = ceil((s+1)K/S) - 1
     s = torch.arange(S, device=v.device)
     col = torch.div((s + 1) * K + S - 1, S, rounding_mode="floor") - 1  # (S,)
-    span_len = torch.bincount(col, minlength=K).clamp(min=1)  # keys per column
+    start, end = column_spans(torch.arange(K, device=v.device).view(1, K), K, S, False)  # (1, K)
+    span_len = (end - start).view(K).clamp(min=1)  # keys per column (no bincount: its size is data-dependent)
     w = probs.float().nan_to_num(0.0).mean(2)[..., col] / span_len[col]  # (B, H, S)
     w = w * valid[:, None, :]
     w = w / w.sum(-1, keepdim=True).clamp(min=1e-30)

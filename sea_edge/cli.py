@@ -287,6 +287,17 @@ def _export_table(r):
     table.add_column(style="bold")
     table.add_column(justify="right")
     size = sum(f["bytes"] for f in m["files"].values())
+    rows = [
+        ("files", f"{len(m['files'])}, {size / 2**20:,.1f} MiB"),
+        ("export time (s)", f"{r.seconds:.0f}"),
+        ("validation text", v["text"]),
+    ]
+    if "encoder" in m["graphs"]:
+        rows += [("hidden states: tokens with cosine >= 0.99", f"{v['agreement']:.2%}"),
+                 ("relative error / max |diff|", f"{v['rel_err']:.2e} / {v['max_abs_diff']:.2e}")]
+        for name, value in rows:
+            table.add_row(name, value)
+        return table
     pre, dec, opt = v["prefill"], v["decode"], v["prefill_ort_optimized"]
     rows = [
         ("files", f"{len(m['files'])}, {size / 2**20:,.1f} MiB"),

@@ -71,7 +71,8 @@ class SEABertSelfAttention(nn.Module):
         key_valid = None
         if attention_mask is not None:  # BERT's extended additive mask (B, 1, 1, S): 0 keep, very negative drop
             key_valid = attention_mask[:, 0, 0, :] > torch.finfo(attention_mask.dtype).min / 2
-            key_valid = None if bool(key_valid.all()) else key_valid
+            if not torch.compiler.is_exporting():  # a graph keeps the mask: no data-dependent branch
+                key_valid = None if bool(key_valid.all()) else key_valid
         out, self.sea_state = sea_attention(self.sea, q, k, v, D**-0.5, key_valid, record=self.sea_record)
         return out.transpose(1, 2).reshape(B, T, heads * D), None
 

@@ -233,3 +233,26 @@ def test_cli_export_bad_input(tmp_path):
     r = CliRunner().invoke(app, ["export", "--out", str(tmp_path / "o"), "--estimator", str(tmp_path / "none")])
     assert r.exit_code == 1 and "does not exist" in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_encoder_exports_one_graph(tmp_path, minilm):
+    """A BERT-family encoder (MiniLM) exports one graph (with padding in the validation batch). Budget k = 1024
+    covers every key of its 512 positions, so SEA equals dense attention and the export must match torch closely
+    (with an untrained estimator at a small k, near-tied estimates let fp rounding pick other columns)."""
+    from sea_edge.config import SEAConfig
+    from sea_edge.estimator_io import save_estimator
+    from sea_edge.export.exporter import ExportConfig, export, read_manifest
+    from sea_edge.patch import to_dense, to_sea
+
+    model, _ = minilm
+    to_sea(model, SEAConfig(k=1024))
+    try:
+        save_estimator(model, tmp_path / "est")
+    finally:
+        to_dense(model)
+    r = export(ExportConfig(out=tmp_path / "enc", model="minilm-l6", estimator=str(tmp_path / "est")))
+    man = read_manifest(tmp_path / "enc")
+    assert set(man["graphs"]) == {"encoder", "n_layers"} and not (tmp_path / "enc" / "decode.onnx").exists()
+    m = onnx.load(str(tmp_path / "enc" / "model.onnx"), load_external_data=False)
+    assert sum(n.domain == "sea_edge" for n in m.graph.node) == 6
+    assert r.validation["rel_err"] < 1e-4 and r.validation["agreement"] == 1.0
