@@ -187,8 +187,12 @@ def _quantize(model, prefill, decode, scheme: str) -> dict:
     quantize_(model, cfg)
     # the export wrappers hold the decoder's layers as `layers`: drop transformers' "model." prefix
     state = {k.removeprefix("model."): v for k, v in quantized_state(model).items()}
+    from .onnx_ops import attach_functions
+
     reports = quantize_matmul_weights(prefill, scheme, block, weights=state)
     quantize_matmul_weights(decode, scheme, block, weights=state)
+    attach_functions(prefill)  # the default opset may have been raised (blocked DequantizeLinear needs 21)
+    attach_functions(decode)
     before = sum(r.bytes_before for r in reports)
     after = sum(r.bytes_after for r in reports)
     return {"scheme": scheme, "block_size": block, "targets": "all Linear layers (teacher and SEA estimators); "

@@ -137,8 +137,14 @@ def sparse_attention_function(opset: int) -> onnx.FunctionProto:
     )
 
 
-def attach_functions(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """Add the SparseAttention function body and the sea_edge opset import to an exported model (in place)."""
+def default_opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def attach_functions(model: onnx.ModelProto, opset: int | None = None) -> onnx.ModelProto:
+    """Add (or replace) the SparseAttention function body, at the model's default opset unless `opset` is given
+    (the checker wants a function to import the model's own version), and the sea_edge opset import (in place)."""
+    opset = default_opset(model) if opset is None else opset
     keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP)]
     del model.functions[:]
     model.functions.extend([*keep, sparse_attention_function(opset)])

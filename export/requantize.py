@@ -129,8 +129,12 @@ def _weight_only(src: Path, tmp: Path, scheme: str) -> dict:
 
     block = QUANT_BLOCK[scheme]
     prefill, decode = onnx.load(str(src / PREFILL)), onnx.load(str(src / DECODE))
+    from .onnx_ops import attach_functions
+
     reports = quantize_matmul_weights(prefill, scheme, block)
     quantize_matmul_weights(decode, scheme, block)
+    attach_functions(prefill)  # the default opset may have been raised (blocked DequantizeLinear needs 21)
+    attach_functions(decode)
     save_pair(prefill, decode, tmp / PREFILL, tmp / DECODE, WEIGHTS)
     return {"scheme": scheme, "block_size": block, "weights": len(reports),
             "targets": "all Linear layers (teacher and SEA estimators); the tied embedding / lm_head stays fp32",
@@ -166,8 +170,7 @@ def _dynamic_int8(src: Path, tmp: Path, preset: str) -> dict:
             q.quantize(save_dir=work / name, quantization_config=cfg, use_external_data_format=True)
             out = next((work / name).glob("*.onnx"))
             m = onnx.load(str(out))
-            opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-            graphs[name] = attach_functions(m, opset)
+            graphs[name] = attach_functions(m)
         # the quantizer is deterministic: both graphs hold the same quantized weights, stored once
         save_pair(graphs[PREFILL], graphs[DECODE], tmp / PREFILL, tmp / DECODE, WEIGHTS)
     finally:
@@ -234,6 +237,15 @@ def mask_agreement(ref: list[np.ndarray], ours: list[np.ndarray]) -> float:
 
 def _report(src: Path, new: Path, scheme: str, man: dict, quant: dict, tokens: int) -> dict:
     from transformers import AutoTokenizer
+
+    from .onnx_ops import register_schema
+
+    register_schema()
+    for name in (PREFILL, DECODE):
+        try:
+            onnx.checker.check_model(str(new / name), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise SeaEdgeError(f"quantized {name} fails the ONNX checker: {str(exc).splitlines()[0]}") from None
 
     from sea_edge.data import load_corpus, token_windows
 
