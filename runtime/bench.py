@@ -1,21 +1,23 @@
-"""CPU benchmark of an exported SEA folder against the dense baseline (sea_edge.export.dense), both run through
-SeaSession (onnxruntime, fp32, all graph optimizations): prefill latency and peak memory over context lengths, and
-decode tokens/s at a long context.
+"""CPU benchmark of an exported SEA folder against the dense baseline (sea_edge.export.dense), fp32, B = 1:
+prefill latency and peak memory over context lengths, and decode tokens/s at a long context.
 
     python -m sea_edge.runtime.bench --sea DIR --dense DIR2 [--out /tmp/bench_cpu] [--quick]
 
-Every measurement runs in a fresh subprocess (this module with --child), so nothing (allocator arenas, thread
-pools, the other model's pages) carries from one measurement into the next. In the child:
-- the session is opened (files not re-hashed), RSS after load = VmRSS;
-- "5" is written to /proc/self/clear_refs, which resets the kernel's high-water mark VmHWM to the current RSS;
-- prefill of T random token ids (B = 1), `--repeats` times; latency = the fastest run, peak RSS = VmHWM at the end:
-  the most the process held during the runs, the loaded model included (what a device must have free).
-The prefill graphs return logits for every position, (T, V) fp32 (V = 49152: 1.5 GiB at T = 8192), in both
-models alike. Decode: prefill of a `--decode-context` prompt, one warm-up step, then `--decode-steps` timed greedy
-steps. The parent watches each child's RSS and stops it above --max-rss-gib (the row then says so).
+Every measurement runs in a fresh process, so nothing (allocator arenas, thread pools, the other model's pages)
+carries from one into the next.
+- Prefill: sea_edge.runtime.measure.measure_peak (the memory-budget engineer's measurement, with the onnxruntime
+  settings SeaSession uses): the session is opened, RSS after load = VmRSS; "5" is written to
+  /proc/self/clear_refs, which resets the kernel's high-water mark VmHWM to the current RSS; one prefill of T random
+  token ids; peak RSS = VmHWM: the most the process held during the run, loaded model included (what a device
+  must have free). `--repeats` fresh processes per point: latency = the fastest, peak = the largest. The prefill
+  graphs return logits for every position, (T, V) fp32 (V = 49152: 1.5 GiB at T = 8192), in both models alike.
+- Decode: a child of this module (--child decode) opens a SeaSession, prefills a `--decode-context` prompt, runs
+  one warm-up step, then `--decode-steps` timed greedy steps (KV cache, and SEA's state, carried).
+Children get an address-space limit of --max-rss-gib (default 85% of MemAvailable), so a point that does not fit
+fails with an allocation error instead of waking the kernel's OOM killer; the row then says so.
 
 Prints the machine, versions and a table; writes bench.json and bench.png (when matplotlib is installed) to --out.
-Timings are of this machine under its load at the time; the parent records the load average.
+Timings are of this machine under its load at the time; the load average is recorded before and after.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["LENGTHS", "QUICK_LENGTHS", "main", "run_child"]
+__all__ = ["LENGTHS", "QUICK_LENGTHS", "main", "prefill_point", "run_child"]
 
 LENGTHS = (1024, 2048, 4096, 8192)
 QUICK_LENGTHS = (1024, 2048)
@@ -58,32 +60,16 @@ def _reset_peak() -> bool:
 
 
 def _child(args) -> dict:
+    """--child decode: tokens/s of greedy decode steps after a prefill of `args.length` random tokens."""
     from sea_edge.runtime.session import SeaSession
 
     t = time.perf_counter()
     s = SeaSession(args.dir, threads=args.threads, verify=False)
-    rng = np.random.default_rng(0)
-    V = int(s.manifest["source_model"]["vocab_size"])
-    out = {"dir": str(args.dir), "attention": s.attention, "mode": args.child, "length": args.length}
-    if args.child == "prefill":
-        out["load_s"] = time.perf_counter() - t
-        out["rss_after_load_mib"] = _status_mib("VmRSS")
-        out["peak_reset"] = _reset_peak()
-        ids = rng.integers(0, V, (1, args.length), dtype=np.int64)
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            s.prefill_logits(ids)
-            times.append(time.perf_counter() - t)
-        out.update(latency_s=min(times), runs_s=times, peak_rss_mib=_status_mib("VmHWM"))
-        return out
-    # decode: prefill a context of `length` tokens, then greedy steps through the decode graph
     decode = s._decode
-    out["load_s"] = time.perf_counter() - t
-    out["rss_after_load_mib"] = _status_mib("VmRSS")
-    out["peak_reset"] = _reset_peak()
-    T = args.length
-    ids = rng.integers(0, V, (1, T), dtype=np.int64)
+    out = {"dir": str(args.dir), "attention": s.attention, "context": args.length,
+           "load_s": time.perf_counter() - t, "rss_after_load_mib": _status_mib("VmRSS"), "peak_reset": _reset_peak()}
+    V, T = int(s.manifest["source_model"]["vocab_size"]), args.length
+    ids = np.random.default_rng(0).integers(0, V, (1, T), dtype=np.int64)
     mask = np.ones((1, T), np.int64)
     pos = np.arange(T, dtype=np.int64)[None]
     t = time.perf_counter()
@@ -101,6 +87,35 @@ def _child(args) -> dict:
     out.update(steps=args.steps, decode_tokens_per_s=len(step_times) / sum(step_times),
                step_ms_median=1000 * float(np.median(step_times)), peak_rss_mib=_status_mib("VmHWM"))
     return out
+
+
+def prefill_point(folder: Path, T: int, repeats: int, threads: int | None, timeout_s: float) -> dict:
+    """`repeats` measure_peak runs (each a fresh process): fastest latency, largest peak, in MiB and seconds."""
+    from sea_edge.runtime.measure import measure_peak
+
+    from sea_edge.errors import SeaEdgeError
+
+    runs = []
+    for _ in range(repeats):
+        try:
+            runs.append(measure_peak(folder, T, threads=threads, timeout=timeout_s))
+        except SeaEdgeError as exc:
+            return {"error": str(exc)}
+    return {"latency_s": min(r["seconds"] for r in runs), "runs_s": [r["seconds"] for r in runs],
+            "peak_rss_mib": max(r["peak_rss_bytes"] for r in runs) / 2**20,
+            "rss_after_load_mib": runs[0]["rss_after_load"] / 2**20,
+            "load_peak_rss_mib": max(r["load_peak_rss_bytes"] for r in runs) / 2**20,
+            "output_mib": runs[0].get("output_bytes", 0) / 2**20, "settings": runs[0]["settings"]}
+
+
+def _limit_address_space(max_bytes: float) -> None:
+    """Children inherit this process's RLIMIT_AS: an allocation past it fails in the child (onnxruntime reports
+    it) rather than the whole machine running out of memory."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = int(max_bytes) if hard == resource.RLIM_INFINITY else min(int(max_bytes), hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
 def run_child(args: list[str], timeout_s: float, max_rss_mib: float) -> dict:
@@ -234,16 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense", type=Path, help="folder written by sea_edge.export.dense.export_dense")
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="prefill lengths, comma separated")
     p.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS} only")
-    p.add_argument("--repeats", type=int, default=2, help="prefill runs per child (the fastest is reported)")
+    p.add_argument("--repeats", type=int, default=2, help="fresh processes per prefill point (fastest reported)")
     p.add_argument("--decode-context", type=int, default=4096)
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per child")
-    p.add_argument("--max-rss-gib", type=float, default=None, help="stop a child above this RSS (default: 85%% of "
+    p.add_argument("--max-rss-gib", type=float, default=None, help="memory limit of each child (default: 85%% of "
                    "MemAvailable at start)")
     p.add_argument("--out", type=Path, default=Path("bench_cpu"))
     # child mode (internal)
-    p.add_argument("--child", choices=("prefill", "decode"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("decode",), help=argparse.SUPPRESS)
     p.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=16, help=argparse.SUPPRESS)
@@ -265,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         max_rss = 0.85 * avail
     else:
         max_rss = args.max_rss_gib * 1024
-    common = ["--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
+    _limit_address_space(max_rss * 2**20)
+    threads = ["--threads", str(args.threads)] if args.threads else []
     results = {"machine": machine(), "versions": versions(), "dirs": {"sea": str(args.sea), "dense": str(args.dense)},
                "settings": {"repeats": args.repeats, "threads": args.threads, "max_rss_mib": max_rss,
                             "dtype": "fp32", "batch": 1},
@@ -278,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         results["prefill"][T] = {}
         for name, d in (("sea", args.sea), ("dense", args.dense)):
             t = time.time()
-            r = run_child(["--child", "prefill", "--dir", str(d), "--length", str(T), *common], args.timeout, max_rss)
+            r = prefill_point(d, T, args.repeats, args.threads, args.timeout)
             results["prefill"][T][name] = r
             print(f"  prefill T={T} {name}: {r.get('latency_s', r.get('error'))} ({time.time() - t:.0f} s wall)",
                   flush=True)
@@ -286,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         results["decode"] = {"context": args.decode_context, "steps": args.decode_steps}
         for name, d in (("sea", args.sea), ("dense", args.dense)):
             r = run_child(["--child", "decode", "--dir", str(d), "--length", str(args.decode_context),
-                           "--steps", str(args.decode_steps), *common], args.timeout, max_rss)
+                           "--steps", str(args.decode_steps), *threads], args.timeout, max_rss)
             results["decode"][name] = r
             print(f"  decode ctx={args.decode_context} {name}: {r.get('decode_tokens_per_s', r.get('error'))} tok/s",
                   flush=True)

@@ -56,6 +56,10 @@ class RuntimeConfig:
     """Check every file's sha256 against the manifest before opening (sizes are always checked)."""
     optimization: str = "all"
     """onnxruntime graph optimization level: off, basic, extended, all."""
+    memory_pattern: bool = False
+    """onnxruntime's memory-pattern planning. Off: once a shape has run, it plans one block for the whole run on
+    top of the arena (measured with the other settings of _session, SEA prefill at T = 1024 run twice: peak RSS 1790 MiB with it,
+    1529 MiB without, same speed), and generation never repeats a shape anyway."""
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -86,8 +90,8 @@ class SeaSession:
     """An exported folder opened for inference; see the module docstring."""
 
     def __init__(self, folder: str | Path, device: str = "cpu", threads: int | None = None, verify: bool = True,
-                 optimization: str = "all"):
-        self.config = RuntimeConfig(device, threads, verify, optimization)
+                 optimization: str = "all", memory_pattern: bool = False):
+        self.config = RuntimeConfig(device, threads, verify, optimization, memory_pattern)
         import onnxruntime as ort
 
         self._ort = ort
@@ -125,6 +129,7 @@ class SeaSession:
         # blocks alive to the end, and buffer reuse parks freed buffers across layers: together about 2x the peak.
         so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         so.enable_mem_reuse = False
+        so.enable_mem_pattern = self.config.memory_pattern
         for key, value in self.manifest.get("quantization", {}).get("session_config", {}).items():
             so.add_session_config_entry(key, value)  # e.g. fp32 activations in fused MatMulNBits (see export)
         if self.config.threads is not None:
