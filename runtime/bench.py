@@ -13,8 +13,8 @@ carries from one into the next.
   graphs return logits for every position, (T, V) fp32 (V = 49152: 1.5 GiB at T = 8192), in both models alike.
 - Decode: a child of this module (--child decode) opens a SeaSession, prefills a `--decode-context` prompt, runs
   one warm-up step, then `--decode-steps` timed greedy steps (KV cache, and SEA's state, carried).
-Children get an address-space limit of --max-rss-gib (default 85% of MemAvailable), so a point that does not fit
-fails with an allocation error instead of waking the kernel's OOM killer; the row then says so.
+A watchdog kills any child whose RSS passes --max-rss-gib (default 85% of MemAvailable at start), so a point that
+does not fit fails alone instead of waking the kernel's OOM killer; the row then says so.
 
 Prints the machine, versions and a table; writes bench.json and bench.png (when matplotlib is installed) to --out.
 Timings are of this machine under its load at the time; the load average is recorded before and after.
@@ -100,7 +100,7 @@ def prefill_point(folder: Path, T: int, repeats: int, threads: int | None, timeo
         try:
             runs.append(measure_peak(folder, T, threads=threads, timeout=timeout_s))
         except SeaEdgeError as exc:
-            return {"error": str(exc)}
+            return {"error": str(exc).replace("(out of memory?)", "(over the memory limit)")}
     return {"latency_s": min(r["seconds"] for r in runs), "runs_s": [r["seconds"] for r in runs],
             "peak_rss_mib": max(r["peak_rss_bytes"] for r in runs) / 2**20,
             "rss_after_load_mib": runs[0]["rss_after_load"] / 2**20,
@@ -108,14 +108,45 @@ def prefill_point(folder: Path, T: int, repeats: int, threads: int | None, timeo
             "output_mib": runs[0].get("output_bytes", 0) / 2**20, "settings": runs[0]["settings"]}
 
 
-def _limit_address_space(max_bytes: float) -> None:
-    """Children inherit this process's RLIMIT_AS: an allocation past it fails in the child (onnxruntime reports
-    it) rather than the whole machine running out of memory."""
-    import resource
+class _Watchdog:
+    """Kill any child of this process whose RSS passes `max_rss_mib` (polled), so that a point that does not fit
+    fails alone instead of waking the kernel's OOM killer on a shared machine. An address-space limit would not do:
+    onnxruntime's arena reserves far more virtual memory than it touches."""
 
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = int(max_bytes) if hard == resource.RLIM_INFINITY else min(int(max_bytes), hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    def __init__(self, max_rss_mib: float):
+        import threading
+
+        self.max_rss_mib, self.killed = max_rss_mib, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+    def _loop(self):
+        import signal
+
+        me = str(os.getpid())
+        while not self._stop.wait(_POLL_S):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        ppid = f.read().rsplit(")", 1)[1].split()[1]
+                    if ppid != me:
+                        continue
+                    with open(f"/proc/{pid}/status") as f:
+                        rss = next((int(x.split()[1]) / 1024 for x in f if x.startswith("VmRSS:")), 0.0)
+                    if rss > self.max_rss_mib:
+                        os.kill(int(pid), signal.SIGKILL)
+                        self.killed.append((int(pid), rss))
+                except (OSError, IndexError, StopIteration):
+                    continue
 
 
 def run_child(args: list[str], timeout_s: float, max_rss_mib: float) -> dict:
@@ -208,8 +239,9 @@ def table(results: dict) -> str:
         st, dt = s.get("decode_tokens_per_s"), d.get("decode_tokens_per_s")
         rows.append("")
         rows.append(f"decode at {dec['context']} tokens of context, {dec['steps']} greedy steps (B = 1): "
-                    f"SEA {_fmt(st, '.2f')} tok/s, dense {_fmt(dt, '.2f')} tok/s, SEA/dense {_fmt(_ratio(st, dt), '.2f')}; "
-                    f"peak RSS SEA {_fmt(s.get('peak_rss_mib'), '.0f')} MiB, dense {_fmt(d.get('peak_rss_mib'), '.0f')} MiB")
+                    f"SEA {_fmt(st, '.2f')} tok/s, dense {_fmt(dt, '.2f')} tok/s, "
+                    f"SEA/dense {_fmt(_ratio(st, dt), '.2f')}; peak RSS SEA {_fmt(s.get('peak_rss_mib'), '.0f')} MiB, "
+                    f"dense {_fmt(d.get('peak_rss_mib'), '.0f')} MiB")
         for name, x in (("sea", s), ("dense", d)):
             if "error" in x:
                 rows.append(f"  {name}: {x['error']}")
@@ -280,7 +312,6 @@ def main(argv: list[str] | None = None) -> int:
         max_rss = 0.85 * avail
     else:
         max_rss = args.max_rss_gib * 1024
-    _limit_address_space(max_rss * 2**20)
     threads = ["--threads", str(args.threads)] if args.threads else []
     results = {"machine": machine(), "versions": versions(), "dirs": {"sea": str(args.sea), "dense": str(args.dense)},
                "settings": {"repeats": args.repeats, "threads": args.threads, "max_rss_mib": max_rss,
@@ -290,22 +321,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {m['cpu']}, {m['logical_cores']} logical cores, {m.get('mem_total_gib', '?')} GiB, "
           f"load average {m.get('load_average', '?')}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), flush=True)
-    for T in lengths:
-        results["prefill"][T] = {}
-        for name, d in (("sea", args.sea), ("dense", args.dense)):
-            t = time.time()
-            r = prefill_point(d, T, args.repeats, args.threads, args.timeout)
-            results["prefill"][T][name] = r
-            print(f"  prefill T={T} {name}: {r.get('latency_s', r.get('error'))} ({time.time() - t:.0f} s wall)",
-                  flush=True)
-    if args.decode_context:
-        results["decode"] = {"context": args.decode_context, "steps": args.decode_steps}
-        for name, d in (("sea", args.sea), ("dense", args.dense)):
-            r = run_child(["--child", "decode", "--dir", str(d), "--length", str(args.decode_context),
-                           "--steps", str(args.decode_steps), *threads], args.timeout, max_rss)
-            results["decode"][name] = r
-            print(f"  decode ctx={args.decode_context} {name}: {r.get('decode_tokens_per_s', r.get('error'))} tok/s",
-                  flush=True)
+    with _Watchdog(max_rss):
+        for T in lengths:
+            results["prefill"][T] = {}
+            for name, d in (("sea", args.sea), ("dense", args.dense)):
+                t = time.time()
+                r = prefill_point(d, T, args.repeats, args.threads, args.timeout)
+                results["prefill"][T][name] = r
+                print(f"  prefill T={T} {name}: {r.get('latency_s', r.get('error'))} ({time.time() - t:.0f} s wall)",
+                      flush=True)
+        if args.decode_context:
+            results["decode"] = {"context": args.decode_context, "steps": args.decode_steps}
+            for name, d in (("sea", args.sea), ("dense", args.dense)):
+                r = run_child(["--child", "decode", "--dir", str(d), "--length", str(args.decode_context),
+                               "--steps", str(args.decode_steps), *threads], args.timeout, max_rss)
+                results["decode"][name] = r
+                what = r.get("decode_tokens_per_s", r.get("error"))
+                print(f"  decode ctx={args.decode_context} {name}: {what} tok/s", flush=True)
     results["machine"]["load_average_end"] = os.getloadavg()
     print()
     print(table(results))

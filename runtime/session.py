@@ -58,8 +58,8 @@ class RuntimeConfig:
     """onnxruntime graph optimization level: off, basic, extended, all."""
     memory_pattern: bool = False
     """onnxruntime's memory-pattern planning. Off: once a shape has run, it plans one block for the whole run on
-    top of the arena (measured with the other settings of _session, SEA prefill at T = 1024 run twice: peak RSS 1790 MiB with it,
-    1529 MiB without, same speed), and generation never repeats a shape anyway."""
+    top of the arena (with the other settings of _session, a SEA prefill at T = 1024 run twice peaked at 1790 MiB
+    with it, 1529 MiB without, at the same speed), and generation never repeats a shape anyway."""
 
     def __post_init__(self):
         if self.device not in DEVICES:

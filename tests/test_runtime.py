@@ -268,3 +268,21 @@ def test_dense_export_runs_in_the_same_session(tmp_path, smollm2):
     assert s.generate(PROMPT, max_new_tokens=16, stop_at_eos=False).tokens == ref
     both = s.generate(["The king said", PROMPT], max_new_tokens=16, stop_at_eos=False)
     assert both.tokens[1] == ref
+
+
+def test_bench_table_and_plot(tmp_path):
+    """The benchmark program's report on made-up numbers (the measurements themselves are not run in tests)."""
+    from sea_edge.runtime.bench import plot, table
+
+    res = {"machine": {"cpu": "test CPU", "logical_cores": 2},
+           "prefill": {1024: {"sea": {"latency_s": 2.0, "peak_rss_mib": 1500.0, "rss_after_load_mib": 700.0},
+                              "dense": {"latency_s": 1.0, "peak_rss_mib": 1000.0, "rss_after_load_mib": 600.0}},
+                       8192: {"sea": {"latency_s": 8.0, "peak_rss_mib": 6000.0, "rss_after_load_mib": 700.0},
+                              "dense": {"error": "killed by signal 9 (over the memory limit)"}}},
+           "decode": {"context": 4096, "steps": 16, "sea": {"decode_tokens_per_s": 5.0, "peak_rss_mib": 4000.0},
+                      "dense": {"decode_tokens_per_s": 6.0, "peak_rss_mib": 3000.0}}}
+    out = table(res)
+    assert "  1024 |          2.00      1.00      2.00 |         1500      1000      1.50 |" in out
+    assert "dense: killed by signal 9" in out and "SEA/dense 0.83" in out
+    pytest.importorskip("matplotlib")
+    assert plot(res, tmp_path / "b.png") and (tmp_path / "b.png").stat().st_size > 0
