@@ -13,7 +13,6 @@ failed or interrupted export never leaves a DIR that looks complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sea_edge.runtime.manifest import sha256_file  # one implementation: the runtime verifies what export hashed
 
 from sea_edge.errors import SeaEdgeError
 
@@ -68,14 +69,6 @@ class ExportResult:
     manifest: dict
     seconds: float
     validation: dict = field(default_factory=dict)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_out(out: Path, force: bool) -> None:
