@@ -52,7 +52,8 @@ def graph_manifest(model) -> dict:
     n = model.config.num_hidden_layers
     pin, pout = io_names(n, decode=False)
     din, dout = io_names(n, decode=True)
-    # unused_topk_retained: false -- the mask construction leaves no unread TopK output (sea_edge.runtime.budget)
+    # unused_topk_retained: false -- the mask's keys are compacted without a final TopK sort, whose unread (B, H, T, w)
+    # values onnxruntime would hold to the end of the run (sea_edge.runtime.budget.ModelDims.mask_final_sort)
     return {"prefill": {"file": "model.onnx", "inputs": pin, "outputs": pout, "unused_topk_retained": False},
             "decode": {"file": "decode.onnx", "inputs": din, "outputs": dout},
             "n_layers": n, "state_kinds": list(STATE_KINDS), "state_shapes": state_shapes(model)}

@@ -98,9 +98,9 @@ def quantize_folder(src: Path, out: Path, scheme: str, target: str | None = None
                 quant = _dynamic_int8(src, tmp, preset)
             else:
                 quant = _weight_only(src, tmp, scheme)
-            for p in src.iterdir():  # tokenizer files and anything else that is not a graph or weights
-                if p.is_file() and p.name not in (PREFILL, DECODE, WEIGHTS, MANIFEST) and not p.name.endswith(".data"):
-                    shutil.copy2(p, tmp / p.name)
+            for name in man["files"]:  # the tokenizer: what the manifest lists that is not a graph or weights
+                if name not in (PREFILL, DECODE, WEIGHTS, MANIFEST) and not name.endswith(".data"):
+                    shutil.copy2(src / name, tmp / name)
             advance(1)
             report = _report(src, tmp, scheme, man, quant, report_tokens)
             advance(1)
@@ -256,7 +256,8 @@ def _report(src: Path, new: Path, scheme: str, man: dict, quant: dict, tokens: i
     feeds = _feeds(ids)
     ref_logits, ref_idx, ref_s = _run(src, None, feeds)
     q_logits, q_idx, q_s = _run(new, quant.get("session_config"), feeds)
-    size = lambda d: sum(p.stat().st_size for p in d.iterdir() if p.suffix in (".onnx", ".data"))
+    model_files = [n for n in man["files"] if n in (PREFILL, DECODE) or n.endswith(".data")]  # the manifest's, only
+    size = lambda d: sum((d / n).stat().st_size for n in model_files)
     nll_ref, nll_q = _nll(ref_logits, ids), _nll(q_logits, ids)
     report = {
         "scheme": scheme, "quantization": quant,

@@ -17,18 +17,32 @@ What the analytic model counts (bytes at the peak of one prefill; fp32 activatio
     runtime          the process with numpy + onnxruntime imported, plus the session (graph, kernels): measured
     kv_cache         present.<i>.key/value, L x 2 x (B, Hkv, T, D)
     sea_state        Performer prefix sums L x (B, Hkv, m, W) and decoder rows L x 2 x (B, H, C, 2, K/r)
-    sea_mask         per layer, the unused outputs of the mask's three TopK nodes, (B, H, T, w) int64 +
-                     (B, H, T, c) int64 + (B, T, H c) fp32: onnxruntime frees an output nobody reads only when the
-                     run ends, so all L of them are alive at the peak (a third of it at T=4096)
-    attention        the largest per-layer transient of attention when the peak is inside a layer (dense: two
-                     (B, H, T, S) fp32 score copies and the (B, 1, T, S) mask; SEA: never the peak for B x V large)
+    sea_mask         per layer, the unread outputs of the mask's TopK nodes, the column sort's indices (B, H, T, c)
+                     int64 and the head ranking's values (B, T, H c) fp32 (and, in graphs exported before the
+                     compaction, the final sort's values (B, H, T, w) int64): onnxruntime frees an output nobody reads
+                     only when the run ends, so all L of them are alive at the peak
+    attention        the largest per-layer transient of attention (dense: DENSE_SCORE_COPIES (B, H, T, S) fp32
+                     buffers, the measured working set of the score/mask/softmax chain, plus the (B, 1, T, S) mask;
+                     SEA: the mask's interpolation and compaction, the Performer block sums, or the fallback's
+                     gathered rows, whichever is largest)
     logits           (B, T, V) fp32: the prefill graph returns every position's logits
     activations      hidden states and the MLP at the peak, (B, T, E) and (B, T, I) fp32
     allocator_slack  what onnxruntime's arena holds beyond the live tensors (calibrated: a fraction of the above)
 
+Where the peak is. onnxruntime's CPU arena never returns memory, so what the layers touched stays resident. SEA's
+per-layer buffers are small and interleaved with long-lived ones, so the (B, T, V) logits cannot reuse them and land
+in fresh arena memory: SEA's peak is the last layer's working set plus the logits. Dense attention frees one large
+(B, H, T, S) block per layer, which the logits then reuse: dense's peak is the larger of the two moments.
+
 The model is for the onnxruntime settings of sea_edge.runtime.measure.SETTINGS (CPU arena on, priority execution
-order, memory reuse off), calibrated on the default export (SmolLM2-135M, fp32, onnxruntime 1.32, x86-64, 2
-threads) against measure_peak at T in {1024, 4096, 8192} to within 10% (CALIBRATION holds the figures).
+order, memory reuse off), calibrated on the default export (SmolLM2-135M, onnxruntime 1.32, x86-64, 2 threads)
+against measure_peak (CALIBRATION holds the figures). Analytic vs measured peak, MiB:
+
+    T                 1024           2048           4096           8192
+    SEA fp32     1249 / 1266    1604 / 1644    2367 / 2356    3893 / 3771     (-1.3%, -2.4%, +0.5%, +3.2%)
+    SEA int8     1045 / 1091                   2163 / 2224    3689 / 3637     (-4.2%, -2.7%, +1.4%)
+    dense fp32    994 / 1070    1572 / 1611    3865 / 3810   12714 / 12670    (-7.1%, -2.4%, +1.4%, +0.3%)
+
 onnxruntime's own defaults (depth-first order, reuse on) hold about twice the activations: see measure.py.
 """
 
@@ -80,17 +94,23 @@ FIT_MARGIN = 0.10
 
 CALIBRATION = {
     "runtime_base_bytes": 48 * MiB,
-    "session_bytes_per_layer": {"sea": int(3.4 * MiB), "dense": 1 * MiB},
+    "session_bytes_per_layer": {"sea": 0, "dense": 1 * MiB},
     "allocator_slack": 0.20,
-    "measured_peak_mib": {"1024": 1516, "2048": 2245, "4096": 3431, "8192": 5950},
-    "source": "measure_peak on the default export (SmolLM2-135M, fp32, B=1, linear weights stored transposed), "
-              "onnxruntime 1.32.0, x86-64, 2 threads, SETTINGS: runtime_base = VmRSS with numpy + onnxruntime "
-              "imported (48 MiB); session_bytes_per_layer (sea) = (VmRSS after the session opened - baseline - "
-              "weights) / 30 layers; allocator_slack = what the arena holds beyond the live tensors, as a fraction of "
-              "the non-weight peak (0.20, fitted on the measured peaks above and on an earlier export whose linear "
-              "weights went through a Transpose: within 6.3% at every T). The dense session figure is an estimate "
-              "(a plain Llama graph has ~25x fewer nodes per layer); the dense curve is not measured.",
+    "dense_score_copies": 4,
+    "measured_peak_mib": {"sea": {"1024": 1266, "2048": 1644, "4096": 2356, "8192": 3771},
+                          "dense": {"1024": 1070, "2048": 1611, "4096": 3810, "8192": 12670}},
+    "source": "measure_peak on the default export (SmolLM2-135M, fp32, B=1, linear weights stored transposed, mask "
+              "compaction without a final sort), onnxruntime 1.32.0, x86-64, 2 threads, SETTINGS. runtime_base = "
+              "VmRSS with numpy + onnxruntime imported (46-48 MiB); session_bytes_per_layer (sea) = 0: VmRSS after "
+              "the session opened is the baseline + the weight file + the tied lm_head's transposed copy (677 MiB, "
+              "a graph without the lm_head 571 MiB); the per-layer retained bytes and the layer transients were read "
+              "from onnxruntime's profiler (mem_bytes_in_use at each layer's first norm: 6.6 MiB/layer at T=1024, "
+              "11 MiB/layer at T=4096, as counted); allocator_slack = the arena's resident bytes beyond the live "
+              "tensors as a fraction of the non-weight peak (0.20, fitted on the measured peaks above); "
+              "dense_score_copies: the dense optimum graph's attention holds ~4.5 (B, H, T, S) fp32 buffers at its "
+              "peak (measured dense peaks above, runtime bench of the optimum export).",
 }
+DENSE_SCORE_COPIES = CALIBRATION["dense_score_copies"]
 
 
 # -- device profiles ------------------------------------------------------------------------------------------------
@@ -279,6 +299,10 @@ class ModelDims:
     weight_bytes: int
     """Bytes of the prefill graph's stored weights (external data file(s), else the graph file)."""
     quantization: str = "none"
+    packed_weight_bytes: int = 0
+    """Bytes of the block-quantized weights (manifest quantization.bytes_after): onnxruntime's MatMulNBits packs
+    them into a copy of its own at session start (measured, int8: VmRSS after load = baseline + file + this +
+    the tied lm_head copy)."""
     # SEA (None for a dense folder)
     k: int | None = None
     compressed_width: int | None = None
@@ -288,9 +312,10 @@ class ModelDims:
     head_cap_factor: float | None = None
     performer_chunk: int | None = None
     budget_length: int | None = None
-    unused_topk_retained: bool = True
-    """The prefill graph leaves the values of its mask TopK nodes unread (manifest graphs.prefill
-    "unused_topk_retained", default true for sea-edge-model/1): onnxruntime then holds them to the end of the run."""
+    mask_final_sort: bool = True
+    """The prefill graph orders each row's keys with a final TopK whose unread values, (B, H, T, w) int64, onnxruntime
+    holds to the end of the run (manifest graphs.prefill "unused_topk_retained", true for exports before the mask's
+    compaction; sea-edge writes false since)."""
 
     @property
     def has_sea(self) -> bool:
@@ -331,13 +356,14 @@ def model_dims(folder_or_manifest: str | Path | dict) -> ModelDims:
             "intermediate_size": int(sm["intermediate_size"]), "vocab_size": int(sm["vocab_size"]),
             "max_positions": int(sm.get("max_positions") or 0), "tied": bool(sm.get("tie_word_embeddings", False)),
             "weight_bytes": _weight_bytes(man),
-            "quantization": str((man.get("quantization") or {}).get("scheme", "none"))}
+            "quantization": str((man.get("quantization") or {}).get("scheme", "none")),
+            "packed_weight_bytes": int((man.get("quantization") or {}).get("bytes_after") or 0)}
         if attention == "sea":
             dims.update(k=int(sea["k"]), compressed_width=int(sm["compressed_width"]),
                         n_features=int(sm["n_features"]), decoder_channels=int(sm["decoder_channels"]),
                         decoder_ratio=int(sm["decoder_ratio"]), head_cap_factor=float(sea["head_cap_factor"]),
                         performer_chunk=int(sea["performer_chunk"]), budget_length=sea.get("budget_length"),
-                        unused_topk_retained=bool(man["graphs"]["prefill"].get("unused_topk_retained", True)))
+                        mask_final_sort=bool(man["graphs"]["prefill"].get("unused_topk_retained", True)))
     except (KeyError, TypeError, ValueError) as exc:
         raise SeaEdgeError(f"manifest lacks what the memory model needs: {exc!r}") from None
     return ModelDims(**dims)
@@ -359,12 +385,14 @@ def mask_budget(dims: ModelDims, S: int) -> tuple[int, int, int]:
 # -- the analytic model ---------------------------------------------------------------------------------------------
 
 def _weights_resident(dims: ModelDims, attention: str) -> int:
-    """Stored weights plus the transposed lm_head copy onnxruntime folds when the embedding is tied. The dense
-    baseline of a SEA folder: the teacher's parameters at the stored bytes per parameter (no estimator)."""
-    per_param = dims.weight_bytes / dims.teacher_params  # ~4 for fp32 (the estimator adds ~2%)
-    stored = dims.weight_bytes if attention == dims.attention else int(dims.teacher_params * min(per_param, 4.0))
-    tied_copy = int(dims.vocab_size * dims.hidden_size * min(per_param, 4.0)) if dims.tied else 0
-    return stored + tied_copy
+    """Stored weights, onnxruntime's packed copy of block-quantized weights, and the transposed lm_head copy it folds
+    when the embedding is tied (the embedding stays fp32 in every scheme). The dense baseline of a SEA folder: the
+    same at the teacher's share of the parameters (no estimator)."""
+    tied_copy = dims.vocab_size * dims.hidden_size * 4 if dims.tied else 0
+    resident = dims.weight_bytes + dims.packed_weight_bytes
+    if attention != dims.attention:  # the SEA estimator is ~2% of the parameters
+        resident = int(resident * min(1.0, 4.0 * dims.teacher_params / max(dims.weight_bytes, 1)))
+    return resident + tied_copy
 
 
 def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = None) -> dict:
@@ -372,8 +400,8 @@ def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = N
 
     attention: "sea" or "dense" (default: what the folder holds; "sea" needs a SEA manifest). Returns
     {"components": {name: bytes for name in COMPONENTS}, "total_bytes", "peak_phase": "lm_head" | "attention"}.
-    The peak is the larger of two moments: the lm_head (every layer's outputs and retained buffers, plus the logits)
-    and the last layer's attention (everything but the logits, plus the layer's transient working set).
+    SEA: the peak is at the lm_head, on top of what the last layer's working set left in the arena. Dense: the larger
+    of the lm_head (the logits reuse freed score memory) and the last layer's attention (module docstring).
     """
     attention = attention or dims.attention
     if attention == "sea" and not dims.has_sea:
@@ -394,35 +422,30 @@ def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = N
         _, c, span = mask_budget(dims, S)
         w = c * span
         comp["sea_state"] = L * B * (Hkv * m * W + 2 * H * C * 2 * (K // r)) * f32
-        # unused TopK outputs: the final sort's values (B, H, T, w), the column sort's (B, H, T, c) int64, and the
-        # head ranking's (B, T, H c) fp32; alive until the run ends
-        retained_layer = B * H * T * w * i64 + B * H * T * c * i64 + B * T * H * c * f32
-        retained_layer *= dims.unused_topk_retained
-        # a layer's transient peak, from the graph: the mask's interpolation (B, H, T, c, span) int64 and its sort
-        # (two copies each), the estimate (B, H, T, K) twice, or the sparse attention's gathered rows of a 64-row block
-        # (B, H, 64, w, D) x 3 beside the expanded keys and values (B, H, S, D) x 2
+        # unread TopK outputs: the column sort's indices (B, H, T, c) int64 and the head ranking's values (B, T, H c)
+        # fp32 (+ the final sort's values (B, H, T, w) int64 in older graphs); alive until the run ends
+        retained_layer = B * H * T * c * i64 + B * T * H * c * f32 + dims.mask_final_sort * B * H * T * w * i64
+        # a layer's transient peak, from the graph: the mask's interpolation (B, H, T, c, span) int64 and its
+        # compaction (four copies), the estimate (B, H, T, K) twice, or the sparse attention's gathered rows of a
+        # 64-row block (B, H, 64, w, D) x 3 beside the expanded keys and values (B, H, S, D) x 2
         N = -(-T // dims.performer_chunk)
         transient = max(4 * B * H * T * w * i64 + 2 * B * H * T * K * f32,
                         2 * B * Hkv * N * m * W * f32 + 2 * B * H * T * W * f32,
                         3 * B * H * 64 * w * D * f32 + 2 * B * H * S * D * f32 + 2 * B * H * T * w * i64)
-        at_head = L * retained_layer + logits + hidden
-        at_layer = L * retained_layer + transient + hidden + mlp
-        if at_head >= at_layer:
-            comp.update(sea_mask=L * retained_layer, logits=logits, activations=hidden)
-            phase = "lm_head"
-        else:
-            comp.update(sea_mask=L * retained_layer, attention=transient, activations=hidden + mlp)
-            phase = "attention"
+        # the arena keeps what the last layer touched; the logits come on top (module docstring)
+        comp.update(sea_mask=L * retained_layer, attention=transient, activations=hidden + mlp + hidden,
+                    logits=logits)
+        phase = "lm_head"
     else:
         causal_mask = B * T * S * f32  # (B, 1, T, S), built once and read by every layer
-        scores = 2 * B * H * T * S * f32  # scores and their softmax
+        scores = DENSE_SCORE_COPIES * B * H * T * S * f32  # scores, masked scores, softmax, and what the arena keeps
         at_head = logits + hidden + causal_mask
-        at_layer = scores + causal_mask + hidden
+        at_layer = scores + causal_mask + mlp + hidden
         if at_head >= at_layer:
-            comp.update(logits=logits, activations=hidden, attention=causal_mask)
+            comp.update(logits=logits, activations=hidden, attention=causal_mask)  # the scores' memory reused
             phase = "lm_head"
         else:
-            comp.update(attention=scores + causal_mask, activations=hidden)
+            comp.update(attention=scores + causal_mask, activations=hidden + mlp)
             phase = "attention"
     live = sum(v for k, v in comp.items() if k not in ("weights", "runtime"))
     comp["allocator_slack"] = int(CALIBRATION["allocator_slack"] * live)

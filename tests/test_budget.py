@@ -262,3 +262,24 @@ def test_analytic_matches_measured_peak(exported_default, monkeypatch):
     rep = bd.budget_report(folder, "rpi5-8gb", context=1024, measure=True)
     bd.validate_report(rep)
     assert rep["measured"]["error_pct"] == pytest.approx(100 * err, abs=0.01)
+
+
+def test_weights_resident_counts_packed_copy_and_tied_transpose():
+    """fp32: the file plus the tied lm_head's fp32 transpose; a block-quantized folder adds onnxruntime's packed copy
+    of the quantized weights (quantization.bytes_after); the mask's final-sort term only for older graphs."""
+    man = _manifest()
+    tied = 49152 * 576 * 4
+    fp32 = bd.estimate_peak(bd.model_dims(man), 1024)["components"]
+    assert fp32["weights"] == 552191232 + tied
+    q = {**man, "quantization": {"scheme": "int8", "bytes_after": 111275760},
+         "files": {**man["files"], "model.onnx.data": {"bytes": 226943232, "sha256": "0"}}}
+    int8 = bd.estimate_peak(bd.model_dims(q), 1024)["components"]
+    assert int8["weights"] == 226943232 + 111275760 + tied
+    assert int8["logits"] == fp32["logits"] and int8["attention"] == fp32["attention"]  # activations stay fp32
+    old = {**man, "graphs": {**man["graphs"], "prefill": {**man["graphs"]["prefill"], "unused_topk_retained": True}}}
+    new = {**man, "graphs": {**man["graphs"], "prefill": {**man["graphs"]["prefill"], "unused_topk_retained": False}}}
+    d_old, d_new = bd.model_dims(old), bd.model_dims(new)
+    _, c, span = bd.mask_budget(d_new, 1024)
+    diff = (bd.estimate_peak(d_old, 1024)["components"]["sea_mask"]
+            - bd.estimate_peak(d_new, 1024)["components"]["sea_mask"])
+    assert diff == 30 * 9 * 1024 * c * span * 8

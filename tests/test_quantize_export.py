@@ -30,7 +30,15 @@ def test_scheme_quantizes_the_default(exported_default, tmp_path, scheme):
     from sea_edge.export.requantize import quantize_folder
 
     out = tmp_path / scheme
-    r = quantize_folder(exported_default.out, out, scheme, report_tokens=96)
+    stray = exported_default.out / "stray.onnx"  # not in the manifest: neither copied nor counted in the size
+    stray.write_bytes(b"x" * (1 << 20)) if scheme == "int8" else None
+    try:
+        r = quantize_folder(exported_default.out, out, scheme, report_tokens=96)
+    finally:
+        stray.unlink(missing_ok=True)
+    assert not (out / "stray.onnx").exists()
+    model_files = ("model.onnx", "decode.onnx", "model.onnx.data")
+    assert r["size_bytes"]["quantized"] == sum((out / n).stat().st_size for n in model_files)
     f = FLOORS[scheme]
     assert r["size_ratio"] <= f["size"], r["size_ratio"]
     assert r["mask_agreement"] >= f["mask"], r["mask_agreement"]
