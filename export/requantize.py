@@ -35,11 +35,11 @@ from .exporter import (
     MANIFEST,
     PREFILL,
     QUANT_BLOCK,
-    SESSION_CONFIG,
     WEIGHTS,
     _check_out,
     _replace,
     read_manifest,
+    session_config,
     sha256_file,
 )
 
@@ -76,11 +76,14 @@ def preset_for(target: str | None) -> str:
 
 
 def quantize_folder(src: Path, out: Path, scheme: str, target: str | None = None, force: bool = False,
-                    progress: bool = False, report_tokens: int = 256) -> dict:
-    """Quantize the fp32 export in `src` into `out`. Returns the report (also written as quantize_report.json)."""
+                    progress: bool = False, report_tokens: int = 256, accuracy_level: int = 1) -> dict:
+    """Quantize the fp32 export in `src` into `out`. Returns the report (also written as quantize_report.json).
+    accuracy_level: onnxruntime MatMulNBits' for the weight-only schemes (exporter.ACCURACY_LEVELS: 1 fp32
+    activations, 4 int8 activations and ~3-4x faster decode on x86; nf4's MatMulBnb4 has none)."""
     src, out = Path(src), Path(out)
     if scheme not in SCHEMES:
         raise SeaEdgeError(f"unknown --scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    config = session_config(accuracy_level)
     man = read_manifest(src)
     if man.get("quantization", {}).get("scheme", "none") != "none":
         raise SeaEdgeError(f"{src} is already quantized ({man['quantization']['scheme']}): start from an fp32 export")
@@ -97,7 +100,7 @@ def quantize_folder(src: Path, out: Path, scheme: str, target: str | None = None
             if scheme == "dynamic-int8":
                 quant = _dynamic_int8(src, tmp, preset)
             else:
-                quant = _weight_only(src, tmp, scheme)
+                quant = _weight_only(src, tmp, scheme, accuracy_level, config)
             for name in man["files"]:  # the tokenizer: what the manifest lists that is not a graph or weights
                 if name not in (PREFILL, DECODE, WEIGHTS, MANIFEST) and not name.endswith(".data"):
                     shutil.copy2(src / name, tmp / name)
@@ -123,9 +126,9 @@ def quantize_folder(src: Path, out: Path, scheme: str, target: str | None = None
     return report
 
 
-def _weight_only(src: Path, tmp: Path, scheme: str) -> dict:
+def _weight_only(src: Path, tmp: Path, scheme: str, accuracy_level: int, config: dict) -> dict:
     from .graphs import save_pair
-    from .quantize_onnx import quantize_matmul_weights
+    from .quantize_onnx import embedding_entry, quantize_embedding_pair, quantize_matmul_weights
 
     block = QUANT_BLOCK[scheme]
     prefill, decode = onnx.load(str(src / PREFILL)), onnx.load(str(src / DECODE))
@@ -133,16 +136,23 @@ def _weight_only(src: Path, tmp: Path, scheme: str) -> dict:
 
     reports = quantize_matmul_weights(prefill, scheme, block)
     quantize_matmul_weights(decode, scheme, block)
+    # the tied table: int8 under every scheme (quantize_onnx.EMBED_BITS says why)
+    embed = quantize_embedding_pair(prefill, decode, accuracy_level)
     attach_functions(prefill)  # the default opset may have been raised (blocked DequantizeLinear needs 21)
     attach_functions(decode)
     save_pair(prefill, decode, tmp / PREFILL, tmp / DECODE, WEIGHTS)
+    if embed is not None:
+        reports.append(embed)
     return {"scheme": scheme, "block_size": block, "weights": len(reports),
-            "targets": "all Linear layers (teacher and SEA estimators); the tied embedding / lm_head stays fp32",
+            "targets": "all Linear layers (teacher and SEA estimators), and the tied embedding / lm_head in int8" if embed
+            else "all Linear layers (teacher and SEA estimators); the tied embedding / lm_head stays fp32",
+            "embedding": embedding_entry(embed, accuracy_level), "accuracy_level": accuracy_level,
             "bytes_before": sum(r.bytes_before for r in reports), "bytes_after": sum(r.bytes_after for r in reports),
-            "session_config": SESSION_CONFIG,
+            "session_config": config,
             "computes": "com.microsoft.MatMulBnb4 (NF4 dequantized to fp32, then an fp32 GEMM)" if scheme == "nf4"
-            else f"DequantizeLinear({scheme}, blocks of {block}) + MatMul; onnxruntime fuses it into MatMulNBits, fp32 "
-                 "activations at accuracy level 1 (session_config)"}
+            else f"DequantizeLinear({scheme}, blocks of {block}) + MatMul; onnxruntime fuses it into MatMulNBits, "
+                 + ("fp32 activations at accuracy level 1" if accuracy_level == 1 else
+                    f"int8 activations at accuracy level {accuracy_level}") + " (session_config)"}
 
 
 def _dynamic_int8(src: Path, tmp: Path, preset: str) -> dict:
@@ -271,15 +281,17 @@ def _report(src: Path, new: Path, scheme: str, man: dict, quant: dict, tokens: i
         "prefill_seconds": {"fp32": ref_s, "quantized": q_s, "tokens": int(ids.size)},
     }
     if scheme != "dynamic-int8":
-        report["sqnr_db"] = module_sqnr(man, scheme, ids[:1, :128])
+        emb = quant.get("embedding") or {}
+        report["sqnr_db"] = module_sqnr(man, scheme, ids[:1, :128], emb.get("block_size"))
     return report
 
 
-def module_sqnr(man: dict, scheme: str, ids: np.ndarray) -> dict:
+def module_sqnr(man: dict, scheme: str, ids: np.ndarray, embed_block: int | None = None) -> dict:
     """SQNR (dB) of each quantized Linear's output against fp32 in torch, module by module: each Linear's fp32
     input (recorded on real text) goes through the fp32 weight and through its quantized twin (the same codes as
     the ONNX file, sea_edge.quantize), so a module's figure is its own error, not the one accumulated upstream.
-    Summarised per module kind ("mlp.down_proj", "sea.to_rows", ...): min and mean over layers."""
+    Summarised per module kind ("mlp.down_proj", "sea.to_rows", ...): min and mean over layers. With `embed_block`
+    (the embedding was quantized, in blocks of that size), the tied lm_head is measured too, as "lm_head"."""
     import torch
 
     from sea_edge.estimator_io import apply_estimator
@@ -293,7 +305,7 @@ def module_sqnr(man: dict, scheme: str, ids: np.ndarray) -> dict:
     tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     seen, hooks = {}, []
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and id(m.weight) not in tied:
+        if isinstance(m, torch.nn.Linear) and (id(m.weight) not in tied or embed_block):
             hooks.append(m.register_forward_hook(lambda mod, i, o, n=name: seen.__setitem__(n, (mod, i[0].detach(),
                                                                                                  o.detach()))))
     with torch.no_grad():
@@ -302,7 +314,9 @@ def module_sqnr(man: dict, scheme: str, ids: np.ndarray) -> dict:
             h.remove()
         kinds: dict[str, list[float]] = {}
         for name, (mod, x, y) in seen.items():
-            q = QuantizedLinear.from_linear(mod, scheme, QUANT_BLOCK[scheme], name)
+            emb = id(mod.weight) in tied  # the lm_head: int8 codes under every scheme
+            q = QuantizedLinear.from_linear(mod, "int8" if emb else scheme, embed_block if emb else QUANT_BLOCK[scheme],
+                                            name)
             parts = name.split(".")
             kind = ".".join(parts[parts.index("self_attn") + 1:] if "self_attn" in parts else parts[-2:])
             kinds.setdefault(kind, []).append(sqnr_db(q(x), y))

@@ -25,7 +25,8 @@ What the analytic model counts (bytes at the peak of one prefill; fp32 activatio
                      buffers, the measured working set of the score/mask/softmax chain, plus the (B, 1, T, S) mask;
                      SEA: the mask's interpolation and compaction, the Performer block sums, or the fallback's
                      gathered rows, whichever is largest)
-    logits           (B, T, V) fp32: the prefill graph returns every position's logits
+    logits           (B, T, V) fp32: the prefill graph returns every position's logits (+ a (V, E) fp32 scratch when
+                     the lm_head is an 8-bit MatMulNBits at accuracy level 1)
     activations      hidden states and the MLP at the peak, (B, T, E) and (B, T, I) fp32
     allocator_slack  what onnxruntime's arena holds beyond the live tensors (calibrated: a fraction of the above)
 
@@ -299,6 +300,12 @@ class ModelDims:
     weight_bytes: int
     """Bytes of the prefill graph's stored weights (external data file(s), else the graph file)."""
     quantization: str = "none"
+    embedding_quantized: bool = False
+    """The tied embedding / lm_head is block-quantized (MatMulNBits reads its codes: no fp32 transposed copy)."""
+    accuracy_level: int = 1
+    """MatMulNBits' accuracy level (manifest quantization.accuracy_level): at 1 (fp32 activations) its 8-bit CPU
+    kernel dequantizes the whole weight to fp32 per call, for the lm_head a (V, E) fp32 scratch (measured with
+    onnxruntime's profiler: +122 MiB in use during the lm_head at T=256)."""
     packed_weight_bytes: int = 0
     """Bytes of the block-quantized weights (manifest quantization.bytes_after): onnxruntime's MatMulNBits packs
     them into a copy of its own at session start (measured, int8: VmRSS after load = baseline + file + this +
@@ -357,7 +364,9 @@ def model_dims(folder_or_manifest: str | Path | dict) -> ModelDims:
             "max_positions": int(sm.get("max_positions") or 0), "tied": bool(sm.get("tie_word_embeddings", False)),
             "weight_bytes": _weight_bytes(man),
             "quantization": str((man.get("quantization") or {}).get("scheme", "none")),
-            "packed_weight_bytes": int((man.get("quantization") or {}).get("bytes_after") or 0)}
+            "packed_weight_bytes": int((man.get("quantization") or {}).get("bytes_after") or 0),
+            "embedding_quantized": bool((man.get("quantization") or {}).get("embedding")),
+            "accuracy_level": int((man.get("quantization") or {}).get("accuracy_level") or 1)}
         if attention == "sea":
             dims.update(k=int(sea["k"]), compressed_width=int(sm["compressed_width"]),
                         n_features=int(sm["n_features"]), decoder_channels=int(sm["decoder_channels"]),
@@ -388,7 +397,7 @@ def _weights_resident(dims: ModelDims, attention: str) -> int:
     """Stored weights, onnxruntime's packed copy of block-quantized weights, and the transposed lm_head copy it folds
     when the embedding is tied (the embedding stays fp32 in every scheme). The dense baseline of a SEA folder: the
     same at the teacher's share of the parameters (no estimator)."""
-    tied_copy = dims.vocab_size * dims.hidden_size * 4 if dims.tied else 0
+    tied_copy = dims.vocab_size * dims.hidden_size * 4 if dims.tied and not dims.embedding_quantized else 0
     resident = dims.weight_bytes + dims.packed_weight_bytes
     if attention != dims.attention:  # the SEA estimator is ~2% of the parameters
         resident = int(resident * min(1.0, 4.0 * dims.teacher_params / max(dims.weight_bytes, 1)))
@@ -416,6 +425,8 @@ def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = N
     hidden = 2 * B * T * E * f32  # the residual stream and the normed input of the next matmul
     mlp = 3 * B * T * I * f32  # gate, up, and their product
     logits = B * T * V * f32
+    if dims.embedding_quantized and dims.accuracy_level == 1:
+        logits += V * E * f32  # MatMulNBits' fp32 copy of the 8-bit lm_head table, during the lm_head (ModelDims)
     if attention == "sea":
         K, m, C, r = dims.compressed_width, dims.n_features, dims.decoder_channels, dims.decoder_ratio
         W = D + K + 1

@@ -334,6 +334,12 @@ def quantize_cmd(
     = Scheme.int8,
     target: Annotated[Optional[str], typer.Option(help="Device profile (sea-edge budget --list-devices): picks the "
                                                        "dynamic-int8 preset (arm64 / avx2 / avx512_vnni).")] = None,
+    report_tokens: Annotated[int, typer.Option(min=16, max=8192, help="Tokens per validation window of the report "
+                                                                         "(2 windows; perplexity, agreement, latency).")]
+    = 256,
+    accuracy_level: Annotated[int, typer.Option(help="onnxruntime MatMulNBits accuracy level of int8 / int4: 1 = fp32 "
+                                                     "activations (best perplexity), 4 = int8 activations (fastest "
+                                                     "CPU decode).")] = 1,
     force: Annotated[bool, typer.Option(help="Replace an existing non-empty --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -343,7 +349,8 @@ def quantize_cmd(
 
     if not src.is_dir():
         raise SeaEdgeError(f"{src} is not a folder")
-    report = quantize_folder(src, out, scheme.value, target=target, force=force, progress=progress)
+    report = quantize_folder(src, out, scheme.value, target=target, force=force, progress=progress,
+                             report_tokens=report_tokens, accuracy_level=accuracy_level)
     _stdout.print(_quant_table([report]), highlight=False)
     _stdout.print(f"wrote {out} (report: {out / 'quantize_report.json'})", highlight=False)
 

@@ -108,6 +108,7 @@ def test_sparse_index_translation_matches_reference(causal):
 
 def test_export_writes_custom_op_function_and_manifest(exported_default):
     from sea_edge.export.exporter import MANIFEST, read_manifest, sha256_file
+    from sea_edge.export.graphs import DEBUG_METADATA
 
     out = exported_default.out
     man = read_manifest(out)
@@ -118,6 +119,9 @@ def test_export_writes_custom_op_function_and_manifest(exported_default):
         assert len(custom) == n and {nd.op_type for nd in custom} == {"SparseAttention"}
         assert any(f.domain == "sea_edge" and f.name == "SparseAttention" for f in m.functions)
         assert any(o.domain == "sea_edge" and o.version == 1 for o in m.opset_import)
+        # torch.onnx's per-node debug metadata (stack traces, fx nodes: ~15 MB a graph) is not shipped
+        assert not any(p.key in DEBUG_METADATA for nd in m.graph.node for p in nd.metadata_props)
+        assert (out / name).stat().st_size < 8e6
     assert set(man["files"]) >= {"model.onnx", "decode.onnx", "model.onnx.data", "tokenizer.json"}
     for name, f in man["files"].items():
         assert (out / name).stat().st_size == f["bytes"] and sha256_file(out / name) == f["sha256"]

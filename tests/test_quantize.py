@@ -443,3 +443,67 @@ def test_onnx_weight_read_by_two_matmuls(scheme):
     for level in LEVELS.values():
         assert_rel_err(torch.from_numpy(_run(proto, {"x": xv}, level, FP32_ACTIVATIONS)), ref, 1e-6)
     assert report.shape == (64, 64) and len(proto.graph.initializer) == 2
+
+
+def _tied_lm(V=300, E=192, seed=0):
+    """input_ids -> Gather(W) -> x; logits = MatMul(x * 1.5, Transpose(W)): torch.onnx's tied embedding / lm_head."""
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((V, E)).astype(np.float32)
+    W[3, :] = 0.0  # an all-zero row (scale 0) must gather zeros, not NaN
+    nodes = [helper.make_node("Gather", ["lm_head.weight", "input_ids"], ["x"], axis=0),
+             helper.make_node("Mul", ["x", "c"], ["h"]),
+             helper.make_node("Transpose", ["lm_head.weight"], ["wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "wt"], ["logits"])]
+    g = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["B", "T"])],
+                          [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["B", "T", V]),
+                           helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", "T", E])],
+                          [onnx.numpy_helper.from_array(W, "lm_head.weight"),
+                           onnx.numpy_helper.from_array(np.array(1.5, np.float32), "c")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), W
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_onnx_tied_embedding_gather_and_lm_head_share_one_table(scheme, tmp_path):
+    """GatherBlockQuantized + MatMulNBits on one code table: the gather is exactly the dequantized rows of
+    sea_edge.quantize's codes, the lm_head matches their fp32 product (accuracy level 1), and the table is stored once."""
+    from sea_edge.export.quantize_onnx import embedding_block, quantize_tied_embedding
+    from sea_edge.quantize import dequantize_weight, quantize_weight
+
+    model, W = _tied_lm()
+    block = embedding_block(scheme, 128, W.shape[1])
+    assert block == 64  # 128 does not divide 192; 64 does
+    r = quantize_tied_embedding(model, scheme, 128)
+    assert r is not None and r.block_size == block and r.shape == W.shape
+    ops = [n.op_type for n in model.graph.node]
+    assert "Gather" not in ops and "Transpose" not in ops and "MatMul" not in ops
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 1
+    assert not any(i.name == "lm_head.weight" for i in model.graph.initializer)
+    codes = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.UINT8]
+    assert len(codes) == 1  # one table, read by both
+    onnx.checker.check_model(model)
+    path = tmp_path / "q.onnx"
+    onnx.save(model, str(path))
+    ids = np.random.default_rng(1).integers(0, W.shape[0], (2, 7))
+    ids[0, 0] = 3
+    logits, x = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})
+    c, s = quantize_weight(torch.from_numpy(W), scheme, block)
+    deq = dequantize_weight(c, s, scheme, block, W.shape).numpy()
+    np.testing.assert_array_equal(x, deq[ids])
+    assert not x[0, 0].any()
+    np.testing.assert_allclose(logits, (1.5 * deq[ids]) @ deq.T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="embedding takes"):
+        quantize_tied_embedding(_tied_lm()[0], "nf4", 64)
+
+
+def test_onnx_tied_embedding_left_alone_when_not_the_pattern():
+    """An embedding read by anything besides Gather and the lm_head's Transpose -> MatMul is not touched."""
+    from sea_edge.export.quantize_onnx import quantize_tied_embedding
+
+    model, _ = _tied_lm()
+    model.graph.node.append(helper.make_node("ReduceSum", ["lm_head.weight"], ["total"]))
+    model.graph.output.append(helper.make_tensor_value_info("total", onnx.TensorProto.FLOAT, None))
+    before = model.SerializeToString()
+    assert quantize_tied_embedding(model, "int8", 256) is None
+    assert model.SerializeToString() == before
+    odd, _ = _tied_lm(E=96)  # no int8 block size (64 and up) divides 96
+    assert quantize_tied_embedding(odd, "int8", 256) is None
