@@ -118,6 +118,7 @@ def export(config: ExportConfig, progress: bool = False) -> ExportResult:
         causal = bool(model.sea_config.causal)
         if causal:
             prefill = graphs.export_prefill(model, config.opset)
+            graphs.add_logits_to_keep(prefill)
             advance(1)
             decode = graphs.export_decode(model, config.opset)
         else:  # an encoder: one graph

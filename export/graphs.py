@@ -9,13 +9,17 @@ import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
+from onnx import helper, numpy_helper
+
+from sea_edge.runtime.manifest import LOGITS_TO_KEEP
 
 from .model import STATE_KINDS, BertEncoder, LlamaDecode, LlamaPrefill, io_names
 from .onnx_ops import attach_functions, custom_translation_table
 
-__all__ = ["DEBUG_METADATA", "export_prefill", "export_decode", "export_encoder", "save_pair", "save_one",
+__all__ = ["DEBUG_METADATA", "LOGITS_TO_KEEP", "add_logits_to_keep", "export_prefill", "export_decode", "export_encoder", "save_pair", "save_one",
            "strip_debug_metadata", "model_dims",
            "graph_manifest", "encoder_manifest", "example_inputs"]
 
@@ -55,7 +59,9 @@ def graph_manifest(model) -> dict:
     din, dout = io_names(n, decode=True)
     # unused_topk_retained: false -- the mask's keys are compacted without a final TopK sort, whose unread (B, H, T, w)
     # values onnxruntime would hold to the end of the run (sea_edge.runtime.budget.ModelDims.mask_final_sort)
-    return {"prefill": {"file": "model.onnx", "inputs": pin, "outputs": pout, "unused_topk_retained": False},
+    return {"prefill": {"file": "model.onnx", "inputs": pin, "outputs": pout, "unused_topk_retained": False,
+                        "optional_inputs": {LOGITS_TO_KEEP: "int64 [1]: logits of the last n positions only; "
+                                                            "0 (the default) = every position"}},
             "decode": {"file": "decode.onnx", "inputs": din, "outputs": dout},
             "n_layers": n, "state_kinds": list(STATE_KINDS), "state_shapes": state_shapes(model)}
 
@@ -111,7 +117,7 @@ def _fold_weight_transposes(model: onnx.ModelProto) -> None:
         perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
         if len(w.dims) != 2 or perm not in (None, [1, 0]) or readers[w.name] != 1:
             continue
-        t = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w).T.copy(), w.name)
+        t = numpy_helper.from_array(onnx.numpy_helper.to_array(w).T.copy(), w.name)
         g.initializer.remove(w)
         g.initializer.append(t)
         g.node.remove(n)
@@ -138,6 +144,32 @@ def export_encoder(model, opset: int) -> onnx.ModelProto:
     ids = torch.randint(0, model.config.vocab_size, (_EXAMPLE_B, _EXAMPLE_T), generator=g)
     args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
     return _export(BertEncoder(model).eval(), args, ({0: B, 1: T},) * 3, (ENCODER_INPUTS, ENCODER_OUTPUTS), opset)
+
+
+def add_logits_to_keep(model: onnx.ModelProto) -> None:
+    """Give the prefill graph the LOGITS_TO_KEEP input (in place): the lm_head MatMul reads
+    Slice(hidden, -n, end, axis 1) instead of the hidden states. The input has an initializer of the same name
+    holding 0, onnx's overridable default, so feeds without it keep every position."""
+    g = model.graph
+    head = next((n for n in g.node if "logits" in n.output), None)
+    if head is None or head.op_type != "MatMul" or LOGITS_TO_KEEP in {i.name for i in g.input}:
+        raise ValueError("the prefill graph has no lm_head MatMul writing 'logits' (or already has "
+                         f"{LOGITS_TO_KEEP})")
+    hidden, kept, neg = head.input[0], f"{head.input[0]}_kept", f"{LOGITS_TO_KEEP}_neg"
+    end, axis = f"{LOGITS_TO_KEEP}_end", f"{LOGITS_TO_KEEP}_axis"
+    g.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, onnx.TensorProto.INT64, [1]))
+    g.initializer.extend([numpy_helper.from_array(np.zeros(1, np.int64), LOGITS_TO_KEEP),
+                          numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), end),
+                          numpy_helper.from_array(np.ones(1, np.int64), axis)])
+    at = list(g.node).index(head)
+    g.node.insert(at, helper.make_node("Slice", [hidden, neg, end, axis], [kept], name="logits_to_keep_slice"))
+    g.node.insert(at, helper.make_node("Neg", [LOGITS_TO_KEEP], [neg], name="logits_to_keep_neg"))
+    head.input[0] = kept
+    for v in g.output:  # the logits' length is no longer the input's
+        if v.name == "logits" and len(v.type.tensor_type.shape.dim) == 3:
+            v.type.tensor_type.shape.dim[1].dim_param = "logits_length"
+    for v in [v for v in g.value_info if v.name in ("logits", kept)]:
+        g.value_info.remove(v)
 
 
 def save_one(model: onnx.ModelProto, path: Path, weights: str) -> None:

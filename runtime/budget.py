@@ -59,6 +59,7 @@ from pathlib import Path
 
 from sea_edge.errors import SeaEdgeError
 
+from .manifest import LOGITS_TO_KEEP
 from .measure import SETTINGS
 
 __all__ = [
@@ -96,8 +97,8 @@ FIT_MARGIN = 0.10
 CALIBRATION = {
     "runtime_base_bytes": 48 * MiB,
     "session_bytes_per_layer": {"sea": 0, "dense": 1 * MiB},
-    "allocator_slack": 0.20,
-    "dense_score_copies": 4,
+    "allocator_slack": 0.35,
+    "dense_score_copies": 3.5,
     "measured_peak_mib": {"sea": {"1024": 1266, "2048": 1644, "4096": 2356, "8192": 3771},
                           "dense": {"1024": 1070, "2048": 1611, "4096": 3810, "8192": 12670}},
     "source": "measure_peak on the default export (SmolLM2-135M, fp32, B=1, linear weights stored transposed, mask "
@@ -300,6 +301,8 @@ class ModelDims:
     weight_bytes: int
     """Bytes of the prefill graph's stored weights (external data file(s), else the graph file)."""
     quantization: str = "none"
+    logits_to_keep: bool = False
+    """The prefill graph takes the optional LOGITS_TO_KEEP input (manifest graphs.prefill.optional_inputs)."""
     embedding_quantized: bool = False
     """The tied embedding / lm_head is block-quantized (MatMulNBits reads its codes: no fp32 transposed copy)."""
     accuracy_level: int = 1
@@ -366,6 +369,7 @@ def model_dims(folder_or_manifest: str | Path | dict) -> ModelDims:
             "quantization": str((man.get("quantization") or {}).get("scheme", "none")),
             "packed_weight_bytes": int((man.get("quantization") or {}).get("bytes_after") or 0),
             "embedding_quantized": bool((man.get("quantization") or {}).get("embedding")),
+            "logits_to_keep": LOGITS_TO_KEEP in (man["graphs"].get("prefill", {}).get("optional_inputs") or {}),
             "accuracy_level": int((man.get("quantization") or {}).get("accuracy_level") or 1)}
         if attention == "sea":
             dims.update(k=int(sea["k"]), compressed_width=int(sm["compressed_width"]),
@@ -404,8 +408,16 @@ def _weights_resident(dims: ModelDims, attention: str) -> int:
     return resident + tied_copy
 
 
-def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = None) -> dict:
-    """Analytic peak resident bytes of one prefill of T tokens, batch B, under SETTINGS (module docstring).
+LOGITS = ("all", "last")
+"""What a prefill returns: every position's logits (scoring text) or the last position's (a generation's prefill,
+through the LOGITS_TO_KEEP input)."""
+MODES = {"generate": "last", "score": "all"}
+"""budget_report's modes and the logits each one asks of the prefill."""
+
+
+def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = None, logits: str = "all") -> dict:
+    """Analytic peak resident bytes of one prefill of T tokens, batch B, under SETTINGS (module docstring), returning
+    `logits` "all" (B, T, V) or "last" (B, 1, V).
 
     attention: "sea" or "dense" (default: what the folder holds; "sea" needs a SEA manifest). Returns
     {"components": {name: bytes for name in COMPONENTS}, "total_bytes", "peak_phase": "lm_head" | "attention"}.
@@ -413,6 +425,8 @@ def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = N
     of the lm_head (the logits reuse freed score memory) and the last layer's attention (module docstring).
     """
     attention = attention or dims.attention
+    if logits not in LOGITS:
+        raise SeaEdgeError(f"logits must be one of {', '.join(LOGITS)}, got {logits!r}")
     if attention == "sea" and not dims.has_sea:
         raise SeaEdgeError("this folder has no SEA configuration (a dense export): only attention='dense'")
     L, H, Hkv, D = dims.n_layers, dims.n_heads, dims.n_kv_heads, dims.head_dim
@@ -424,7 +438,8 @@ def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = N
     comp["kv_cache"] = L * 2 * B * Hkv * S * D * f32
     hidden = 2 * B * T * E * f32  # the residual stream and the normed input of the next matmul
     mlp = 3 * B * T * I * f32  # gate, up, and their product
-    logits = B * T * V * f32
+    kept = logits
+    logits = B * (T if kept == "all" else 1) * V * f32
     if dims.embedding_quantized and dims.accuracy_level == 1:
         logits += V * E * f32  # MatMulNBits' fp32 copy of the 8-bit lm_head table, during the lm_head (ModelDims)
     if attention == "sea":
@@ -458,23 +473,34 @@ def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = N
         else:
             comp.update(attention=scores + causal_mask, activations=hidden + mlp)
             phase = "attention"
-    live = sum(v for k, v in comp.items() if k not in ("weights", "runtime"))
+    # the arena's fragmentation: a fraction of what the layers allocate; the logits, one late block, take a fresh
+    # region of their own (measured: the same fraction fits full-logit and last-logit prefills)
+    live = sum(v for k, v in comp.items() if k not in ("weights", "runtime", "logits"))
     comp["allocator_slack"] = int(CALIBRATION["allocator_slack"] * live)
     comp = {k: int(v) for k, v in comp.items()}
-    return {"components": comp, "total_bytes": sum(comp.values()), "peak_phase": phase, "attention": attention}
+    return {"components": comp, "total_bytes": sum(comp.values()), "peak_phase": phase, "attention": attention,
+            "logits": kept}
 
 
-def max_context(dims: ModelDims, limit_bytes: int, B: int = 1, attention: str | None = None) -> int:
-    """The largest T (at most the model's max positions) whose estimated peak fits `limit_bytes`; 0 if none."""
-    hi = dims.max_positions or 1 << 20
-    if estimate_peak(dims, 1, B, attention)["total_bytes"] > limit_bytes:
+MEMORY_CONTEXT_CAP = 1 << 20
+"""The largest context max_context(capped=False) looks at."""
+
+
+def max_context(dims: ModelDims, limit_bytes: int, B: int = 1, attention: str | None = None, logits: str = "all",
+                capped: bool = True) -> int:
+    """The largest T whose estimated peak fits `limit_bytes` (0 if none): at most the model's max positions, or, with
+    capped=False, as far as memory alone allows (up to MEMORY_CONTEXT_CAP; what the architecture would hold on this
+    device, beyond the positions the model was trained for)."""
+    hi = (dims.max_positions if capped else 0) or MEMORY_CONTEXT_CAP
+    peak = lambda t: estimate_peak(dims, t, B, attention, logits)["total_bytes"]  # noqa: E731
+    if peak(1) > limit_bytes:
         return 0
-    if estimate_peak(dims, hi, B, attention)["total_bytes"] <= limit_bytes:
+    if peak(hi) <= limit_bytes:
         return hi
     lo = 1  # fits; hi does not (the peak grows with T)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if estimate_peak(dims, mid, B, attention)["total_bytes"] <= limit_bytes:
+        if peak(mid) <= limit_bytes:
             lo = mid
         else:
             hi = mid
@@ -488,16 +514,17 @@ _COMPS = {"type": "object", "properties": {c: _INT for c in COMPONENTS}, "requir
           "additionalProperties": False}
 _ESTIMATE = {"type": "object", "required": ["components", "total_bytes", "peak_phase", "fits"],
              "properties": {"components": _COMPS, "total_bytes": _INT, "peak_phase": {"enum": ["lm_head", "attention"]},
-                            "fits": {"type": "boolean"}, "attention": {"enum": ["sea", "dense"]}}}
+                            "fits": {"type": "boolean"}, "attention": {"enum": ["sea", "dense"]},
+                            "logits": {"enum": ["all", "last"]}}}
 REPORT_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "sea-edge budget report",
     "type": "object",
     "required": ["schema", "folder", "model", "attention", "quantization", "device", "context", "batch", "settings",
-                 "sea", "dense", "limit_bytes", "headroom_bytes", "verdict", "max_context", "curve", "measured",
-                 "calibration"],
+                 "sea", "dense", "limit_bytes", "headroom_bytes", "verdict", "mode", "logits", "max_context", "curve",
+                 "measured", "calibration"],
     "properties": {
-        "schema": {"const": "sea-edge-budget/1"},
+        "schema": {"const": "sea-edge-budget/2"},
         "folder": {"type": "string"},
         "model": {"type": "string"},
         "attention": {"enum": ["sea", "dense"]},
@@ -518,10 +545,16 @@ REPORT_SCHEMA = {
         "limit_bytes": _INT,
         "headroom_bytes": {"type": "integer"},
         "verdict": {"enum": ["fits", "tight", "does not fit"]},
-        "max_context": {"type": "object", "required": ["sea", "dense", "ratio", "max_positions"],
+        "mode": {"enum": list(MODES)},
+        "logits": {"enum": list(LOGITS)},
+        "max_context": {"type": "object", "required": ["sea", "dense", "ratio", "max_positions", "sea_memory",
+                                                       "dense_memory", "ratio_memory"],
                         "properties": {"sea": {"type": ["integer", "null"], "minimum": 0},
                                        "dense": {"type": "integer", "minimum": 0},
-                                       "ratio": {"type": ["number", "null"]}, "max_positions": _INT}},
+                                       "ratio": {"type": ["number", "null"]}, "max_positions": _INT,
+                                       "sea_memory": {"type": ["integer", "null"], "minimum": 0},
+                                       "dense_memory": {"type": "integer", "minimum": 0},
+                                       "ratio_memory": {"type": ["number", "null"]}}},
         "curve": {"type": "object", "required": ["context", "sea_bytes", "dense_bytes"],
                   "properties": {"context": {"type": "array", "items": {"type": "integer"}},
                                  "sea_bytes": {"type": "array", "items": {"type": ["integer", "null"]}},
@@ -606,18 +639,21 @@ def _curve_points(max_pos: int, context: int) -> list[int]:
 
 
 def budget_report(folder: str | Path, device: str, context: int | None = None, batch: int = 1,
-                  measure: bool = False, profiles_file: str | Path | None = None) -> dict:
+                  measure: bool = False, profiles_file: str | Path | None = None, mode: str = "generate") -> dict:
     """Everything `sea-edge budget` shows, as a JSON-able dict (schema REPORT_SCHEMA).
 
     folder: an exported folder. device: a profile name (load_profiles; `profiles_file` adds or overrides profiles).
     context: T tokens of the prefill (default: the model's max positions). batch: B. measure: also run one prefill
     of T tokens in a fresh process (measure_peak, Linux only) and report the analytic model's error against it.
+    mode: "generate" (the prefill of a generation: the last position's logits, where the graph has LOGITS_TO_KEEP;
+    the dense estimate gets the same) or "score" (every position's logits, as perplexity needs).
 
     Keys: schema, folder, model, attention, quantization, device (the profile, limit_bytes = what one process may
     hold), context, batch, settings (the onnxruntime settings modelled), sea / dense (estimate_peak of each at T plus
     "fits"; sea is null for a dense folder), limit_bytes, headroom_bytes (limit - total of the folder's own
-    attention; negative = over), verdict ("fits", "tight" = under 10% headroom, "does not fit"), max_context
-    ({sea, dense, ratio = sea / dense, max_positions}), curve ({context, sea_bytes, dense_bytes} for the plot),
+    attention; negative = over), verdict ("fits", "tight" = under 10% headroom, "does not fit"), mode, logits
+    ("all" / "last": what the estimates assume), max_context ({sea, dense, ratio = sea / dense, max_positions}
+    within the model's positions; sea_memory, dense_memory, ratio_memory: as far as memory alone allows), curve ({context, sea_bytes, dense_bytes} for the plot),
     measured (null or {peak_rss_bytes, rss_after_load, seconds, settings, error_pct}), calibration.
     Raises SeaEdgeError for an unknown device, a malformed profile file, a bad folder, or T beyond max positions.
     """
@@ -631,35 +667,42 @@ def budget_report(folder: str | Path, device: str, context: int | None = None, b
         raise SeaEdgeError(f"context {T} is beyond the model's {max_pos} positions")
     if batch < 1:
         raise SeaEdgeError(f"batch must be >= 1, got {batch}")
+    if mode not in MODES:
+        raise SeaEdgeError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+    logits = MODES[mode] if dims.logits_to_keep else "all"
     limit = profile.limit_bytes
     kinds = ["sea", "dense"] if dims.has_sea else ["dense"]
     est = {}
     for kind in kinds:
-        e = estimate_peak(dims, T, batch, kind)
+        e = estimate_peak(dims, T, batch, kind, logits)
         est[kind] = {**e, "fits": e["total_bytes"] <= limit}
     own = est[dims.attention]
     headroom = limit - own["total_bytes"]
     verdict = "does not fit" if headroom < 0 else ("tight" if headroom < FIT_MARGIN * limit else "fits")
-    mc = {kind: max_context(dims, limit, batch, kind) for kind in kinds}
+    mc = {kind: max_context(dims, limit, batch, kind, logits) for kind in kinds}
+    mem = {kind: max_context(dims, limit, batch, kind, logits, capped=False) for kind in kinds}
     ratio = (mc["sea"] / mc["dense"]) if dims.has_sea and mc["dense"] else None
-    pts = _curve_points(max_pos or T, T)
+    ratio_mem = (mem["sea"] / mem["dense"]) if dims.has_sea and mem["dense"] else None
+    pts = _curve_points(max(max_pos or T, *mem.values()), T)
     curve = {"context": pts,
-             "sea_bytes": [estimate_peak(dims, t, batch, "sea")["total_bytes"] if dims.has_sea else None for t in pts],
-             "dense_bytes": [estimate_peak(dims, t, batch, "dense")["total_bytes"] for t in pts]}
+             "sea_bytes": [estimate_peak(dims, t, batch, "sea", logits)["total_bytes"] if dims.has_sea else None
+                           for t in pts],
+             "dense_bytes": [estimate_peak(dims, t, batch, "dense", logits)["total_bytes"] for t in pts]}
     measured = None
     if measure:
         from .measure import measure_peak
 
-        m = measure_peak(folder, T, batch)
+        m = measure_peak(folder, T, batch, keep_last=logits == "last")
         measured = {k: m[k] for k in ("peak_rss_bytes", "rss_after_load", "load_peak_rss_bytes", "seconds",
                                       "settings")}
         measured["error_pct"] = round(100.0 * (own["total_bytes"] - m["peak_rss_bytes"]) / m["peak_rss_bytes"], 2)
     report = {
-        "schema": "sea-edge-budget/1", "folder": str(folder), "model": dims.name, "attention": dims.attention,
+        "schema": "sea-edge-budget/2", "folder": str(folder), "model": dims.name, "attention": dims.attention,
         "quantization": dims.quantization, "device": profile.to_dict(), "context": T, "batch": batch,
         "settings": dict(SETTINGS), "sea": est.get("sea"), "dense": est["dense"], "limit_bytes": limit,
-        "headroom_bytes": headroom, "verdict": verdict,
-        "max_context": {"sea": mc.get("sea"), "dense": mc["dense"], "ratio": ratio, "max_positions": max_pos},
+        "headroom_bytes": headroom, "verdict": verdict, "mode": mode, "logits": logits,
+        "max_context": {"sea": mc.get("sea"), "dense": mc["dense"], "ratio": ratio, "max_positions": max_pos,
+                        "sea_memory": mem.get("sea"), "dense_memory": mem["dense"], "ratio_memory": ratio_mem},
         "curve": curve, "measured": measured,
         "calibration": {k: v for k, v in CALIBRATION.items()},
     }
@@ -683,7 +726,7 @@ def render_table(report: dict):
 
     dev, T, B = report["device"], report["context"], report["batch"]
     title = (f"{report['model']} ({report['attention']}, {report['quantization']}) on {dev['name']}: "
-             f"prefill of {T} tokens, batch {B}")
+             f"prefill of {T} tokens, batch {B}, {report['mode']} ({report['logits']} logits)")
     table = Table(title=title, min_width=len(title))
     table.add_column("component")
     has_sea = report["sea"] is not None
@@ -708,8 +751,10 @@ def render_table(report: dict):
                                for v in verdicts])
     mc = report["max_context"]
     table.add_row("max context", *[str(mc[k]) for k in cols])
+    table.add_row("max context (memory only)", *[str(mc[f"{k}_memory"]) for k in cols])
     if mc["ratio"] is not None:
-        table.caption = f"max context SEA / dense = {mc['ratio']:.2f}x (model max {mc['max_positions']})"
+        table.caption = (f"max context SEA / dense = {mc['ratio']:.2f}x within the model's {mc['max_positions']} "
+                         f"positions; {mc['ratio_memory']:.2f}x as far as memory allows")
     if report["measured"]:
         m = report["measured"]
         table.add_row("measured peak", _fmt(m["peak_rss_bytes"]) + f" ({m['error_pct']:+.1f}%)",
@@ -749,14 +794,18 @@ def plot_budget(report: dict, path: str | Path) -> Path:
     ax.plot(ctx, [b / GiB for b in curve["dense_bytes"]], "s-", ms=3, label="dense (analytic)")
     ax.axhline(limit / GiB, color="red", ls="--", lw=1, label=f"{report['device']['name']} limit")
     for kind, color in (("sea", "C0"), ("dense", "C1")):
-        if mc.get(kind):
-            ax.axvline(mc[kind], color=color, ls=":", lw=1.2, label=f"{kind} max context {mc[kind]}")
+        if mc.get(f"{kind}_memory"):
+            ax.axvline(mc[f"{kind}_memory"], color=color, ls=":", lw=1.2,
+                       label=f"{kind} max context {mc[f'{kind}_memory']} (memory)")
+    if mc.get("max_positions"):
+        ax.axvline(mc["max_positions"], color="gray", ls="-.", lw=1, label=f"model max {mc['max_positions']}")
     if report["measured"]:
         ax.plot([report["context"]], [report["measured"]["peak_rss_bytes"] / GiB], "k*", ms=10, label="measured")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context T (tokens)")
     ax.set_ylabel("peak memory (GiB)")
-    ax.set_title(f"{report['model']}: prefill peak, batch {report['batch']}", fontsize=10)
+    ax.set_title(f"{report['model']}: prefill peak, batch {report['batch']}, {report['mode']} "
+                 f"({report['logits']} logits)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -13,7 +13,13 @@ from pathlib import Path
 
 from sea_edge.errors import SeaEdgeError
 
-__all__ = ["ATTENTION", "FORMAT", "MANIFEST", "read_folder", "sha256_file"]
+LOGITS_TO_KEEP = "num_logits_to_keep"
+"""An optional prefill input (int64 [1], default 0): logits of the last n positions only, 0 = every position. A
+generation's prefill asks for 1, which spares the (B, T, V) logits, the largest buffer of a long prefill (1.5 GiB at
+T = 8192 for SmolLM2), and the lm_head's T x E x V multiply-adds. Written by sea_edge.export.graphs."""
+
+__all__ = [
+    "ATTENTION", "FORMAT", "LOGITS_TO_KEEP", "MANIFEST", "read_folder", "sha256_file"]
 
 MANIFEST, FORMAT = "sea_edge.json", "sea-edge-model/1"
 ATTENTION = ("sea", "dense")

@@ -44,6 +44,8 @@ from pathlib import Path
 
 from sea_edge.errors import SeaEdgeError
 
+from .manifest import LOGITS_TO_KEEP
+
 __all__ = ["GRAPHS", "MEASURE_KEYS", "SETTINGS", "measure_peak"]
 
 GRAPHS = ("prefill", "decode")
@@ -51,7 +53,7 @@ SETTINGS = {"arena": True, "arena_extend_strategy": "next_power_of_two", "execut
             "mem_reuse": False, "mem_pattern": False, "graph_optimization_level": "all"}
 """The onnxruntime settings measure_peak uses unless told otherwise (and that budget.py models)."""
 MEASURE_KEYS = ("peak_rss_bytes", "rss_after_load", "load_peak_rss_bytes", "rss_after_run", "rss_baseline",
-                "seconds", "load_seconds", "settings", "graph", "T", "B", "past", "folder")
+                "seconds", "load_seconds", "settings", "graph", "T", "B", "past", "folder", "logits")
 """Keys of every measure_peak result (a stable API: the runtime benchmark reads them)."""
 _ORDERS = {"priority": "PRIORITY_BASED", "default": "DEFAULT"}
 _STRATEGIES = {"next_power_of_two": 0, "same_as_requested": 1}
@@ -86,6 +88,8 @@ if job['arena'] and job['arena_strategy'] != 0:
     so.add_session_config_entry('session.use_env_allocators', '1')
 if job['threads']:
     so.intra_op_num_threads = job['threads']
+for key, value in job['session_config'].items():
+    so.add_session_config_entry(key, value)
 t0 = time.perf_counter()
 sess = ort.InferenceSession(job['model'], so, providers=['CPUExecutionProvider'])
 load_seconds = time.perf_counter() - t0
@@ -107,6 +111,9 @@ for i in sess.get_inputs():
         shape = [B if j == 0 else (d if isinstance(d, int) else P) for j, d in enumerate(i.shape)]
         feeds[i.name] = (rng.standard_normal(shape).astype(dt) if np.issubdtype(dt, np.floating)
                          else np.zeros(shape, dt))
+keep = job['keep_last'] and job['logits_to_keep'] in {i.name for i in sess.get_overridable_initializers()}
+if keep:
+    feeds[job['logits_to_keep']] = np.ones(1, np.int64)
 with open('/proc/self/clear_refs', 'w') as f:
     f.write('5')
 t0 = time.perf_counter()
@@ -116,7 +123,8 @@ after = status()
 print(json.dumps({'peak_rss_bytes': after['VmHWM'], 'rss_after_run': after['VmRSS'],
     'rss_after_load': loaded['VmRSS'], 'load_peak_rss_bytes': loaded['VmHWM'], 'rss_baseline': baseline,
     'seconds': seconds, 'load_seconds': load_seconds, 'output_bytes': int(sum(o.nbytes for o in outs)),
-    'onnxruntime': ort.__version__, 'intra_op_threads': so.intra_op_num_threads}))
+    'onnxruntime': ort.__version__, 'intra_op_threads': so.intra_op_num_threads,
+    'logits': 'last' if keep else 'all'}))
 """
 
 
@@ -136,14 +144,16 @@ def measure_peak(folder: str | Path, T: int, B: int = 1, graph: str = "prefill",
                  arena: bool = True, *, arena_extend_strategy: str = SETTINGS["arena_extend_strategy"],
                  execution_order: str = SETTINGS["execution_order"], mem_reuse: bool = SETTINGS["mem_reuse"],
                  mem_pattern: bool = SETTINGS["mem_pattern"], optimization: str = "all", seed: int = 0,
-                 timeout: float | None = 1800.0) -> dict:
+                 timeout: float | None = 1800.0, keep_last: bool = False) -> dict:
     """Peak resident memory of one run of an exported graph, measured in a fresh process (see module docstring).
 
     folder: a folder written by `sea-edge export` (or the dense baseline). T: tokens of the prefill, or for
     graph="decode" the past length the single new token attends to. B: batch. threads: onnxruntime intra-op threads
     (None = onnxruntime's default, one per physical core). arena, arena_extend_strategy ("next_power_of_two" is
     onnxruntime's default, "same_as_requested"), execution_order ("priority" or "default"), mem_reuse, mem_pattern,
-    optimization ("off", "basic", "extended", "all"): onnxruntime session settings, SETTINGS by default.
+    optimization ("off", "basic", "extended", "all"): onnxruntime session settings, SETTINGS by default; the
+    manifest's quantization.session_config entries are applied as the runtime applies them. keep_last: a prefill
+    returns the last position's logits only (the LOGITS_TO_KEEP input, where the graph has it; result "logits").
     Inputs are random token ids from the vocabulary (and random past states for decode). The child
     runs without this process's MALLOC_* tuning and LD_PRELOAD, which would change what is measured.
 
@@ -157,6 +167,7 @@ def measure_peak(folder: str | Path, T: int, B: int = 1, graph: str = "prefill",
         output_bytes         bytes of all outputs
         settings             the onnxruntime settings used: arena, arena_extend_strategy, execution_order,
                              mem_reuse, mem_pattern, graph_optimization_level, intra_op_threads, onnxruntime version
+        logits               "last" or "all": what the prefill returned
         graph, T, B, past, folder, model_file
     Raises SeaEdgeError off Linux, for a bad argument, or when the child fails (its last error line; a kill by
     signal 9 usually means the system ran out of memory).
@@ -184,7 +195,9 @@ def measure_peak(folder: str | Path, T: int, B: int = 1, graph: str = "prefill",
     job = {"model": str(folder / model_file), "B": B, "T": tokens, "past": past, "vocab": int(sm["vocab_size"]),
            "seed": seed, "threads": threads, "arena": bool(arena), "arena_strategy": _STRATEGIES[arena_extend_strategy],
            "execution_order": _ORDERS[execution_order], "mem_reuse": bool(mem_reuse), "mem_pattern": bool(mem_pattern),
-           "graph_optimization_level": optimization}
+           "graph_optimization_level": optimization, "keep_last": bool(keep_last) and graph == "prefill",
+           "logits_to_keep": LOGITS_TO_KEEP,
+           "session_config": dict((man.get("quantization") or {}).get("session_config") or {})}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "LD_PRELOAD"))}
     t0 = time.time()
     try:

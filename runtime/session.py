@@ -33,7 +33,7 @@ import numpy as np
 
 from sea_edge.errors import SeaEdgeError
 
-from .manifest import read_folder
+from .manifest import LOGITS_TO_KEEP, read_folder
 from .perplexity import PerplexityResult, peak_rss_mib, token_windows, window_nll_sum
 from .sampling import SamplingConfig, next_tokens
 
@@ -184,10 +184,12 @@ class SeaSession:
         return eos, pad if pad is not None else (eos[0] if eos else 0)
 
     # -- running the graphs ------------------------------------------------------------------------------------------
-    def _feeds(self, sess, ids, mask, pos, state: dict | None) -> dict:
+    def _feeds(self, sess, ids, mask, pos, state: dict | None, keep_last: bool = False) -> dict:
         names = {i.name for i in sess.get_inputs()}
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
         feeds = {k: v for k, v in feeds.items() if k in names}  # some optimum graphs take no position_ids
+        if keep_last and LOGITS_TO_KEEP in {i.name for i in sess.get_overridable_initializers()}:
+            feeds[LOGITS_TO_KEEP] = np.ones(1, np.int64)  # the last position's logits only
         if state is None and any(n in names for n in self.past_names):
             state = self._empty_state(ids.shape[0])  # one graph for prefill and decode: an empty cache
         if state is not None:
@@ -205,9 +207,11 @@ class SeaSession:
             out[n] = np.zeros(shape, dtypes.get(n, np.float32))
         return out
 
-    def _run(self, sess, ids, mask, pos, state, logits_only: bool = False):
+    def _run(self, sess, ids, mask, pos, state, logits_only: bool = False, keep_last: bool = False):
+        """logits (B, T, V), or (B, 1, V) with keep_last where the graph has the LOGITS_TO_KEEP input (else all T),
+        and the present state."""
         outs = ["logits"] if logits_only else ["logits", *self.present_names]
-        res = sess.run(outs, self._feeds(sess, ids, mask, pos, state))
+        res = sess.run(outs, self._feeds(sess, ids, mask, pos, state, keep_last))
         return res[0], dict(zip(self.past_names, res[1:]))
 
     def prefill_logits(self, ids: np.ndarray) -> np.ndarray:
@@ -324,7 +328,7 @@ class _Run:
         pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
         decode = s._decode if self.max_new_tokens > 1 else None  # opened (once) before the clock starts
         t = time.perf_counter()
-        logits, state = s._run(s._prefill, ids, mask, pos, None)
+        logits, state = s._run(s._prefill, ids, mask, pos, None, keep_last=True)
         self.timing["prefill"] = time.perf_counter() - t
         logits, pos = logits[:, -1], pos[:, -1:]  # (B, V), (B, 1)
         rng = np.random.default_rng(self.sampling.seed)

@@ -387,6 +387,8 @@ def budget_cmd(
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of memory vs context (SEA and dense, the "
                                                       "device's limit).")] = None,
     profiles: Annotated[Optional[Path], typer.Option(help="Extra device profiles (JSON, same schema).")] = None,
+    mode: Annotated[str, typer.Option(help="generate: the prefill of a generation (last position's logits only); "
+                                           "score: every position's logits (perplexity).")] = "generate",
     list_devices: Annotated[bool, typer.Option("--list-devices", help="List the device profiles and exit.")] = False,
 ) -> None:
     """Does the exported model fit a device at this context length, and what is the longest context that fits
@@ -398,7 +400,8 @@ def budget_cmd(
         return
     if folder is None or device is None:
         raise SeaEdgeError("budget needs an export folder and --device (or --list-devices)")
-    report = budget_report(folder, device, context=context, batch=batch, measure=measure, profiles_file=profiles)
+    report = budget_report(folder, device, context=context, batch=batch, measure=measure, profiles_file=profiles,
+                           mode=mode)
     _stdout.print(render_table(report), highlight=False)
     if json_out is not None:
         from sea_edge.artifacts import atomic_write_json

@@ -199,9 +199,55 @@ def test_max_context_and_ratio(fake_folder):
     for kind in ("sea", "dense"):  # the largest context that fits: one more token does not
         assert bd.estimate_peak(dims, mc[kind], attention=kind)["total_bytes"] <= limit
         assert bd.estimate_peak(dims, mc[kind] + 1, attention=kind)["total_bytes"] > limit
+    assert rep["logits"] == "all"  # this graph has no num_logits_to_keep input: generate falls back to all logits
+    for kind in ("sea", "dense"):  # memory alone: the same search, past the model's positions where memory allows
+        assert mc[f"{kind}_memory"] == mc[kind]  # under the cap here
     big = bd.budget_report(fake_folder, "jetson-agx-orin-64gb", context=8192)
-    assert big["max_context"]["sea"] == big["max_context"]["dense"] == 8192  # capped by the model's positions
+    mb = big["max_context"]
+    assert mb["sea"] == mb["dense"] == 8192  # capped by the model's positions
+    assert mb["sea_memory"] > mb["dense_memory"] > 8192 and mb["ratio_memory"] == pytest.approx(
+        mb["sea_memory"] / mb["dense_memory"])
+    assert bd.estimate_peak(dims, mb["sea_memory"])["total_bytes"] <= big["limit_bytes"]
+    assert bd.estimate_peak(dims, mb["sea_memory"] + 1)["total_bytes"] > big["limit_bytes"]
     assert big["verdict"] == "fits"
+
+
+@pytest.fixture(scope="module")
+def keep_last_folder(tmp_path_factory) -> Path:
+    """The fake folder as the exporter now writes it: the optional num_logits_to_keep input, no final mask sort."""
+    folder = tmp_path_factory.mktemp("budget-last") / "smollm2-sea"
+    folder.mkdir()
+    man = _manifest()
+    man["graphs"]["prefill"]["optional_inputs"] = {"num_logits_to_keep": "int64 [1]"}
+    man["graphs"]["prefill"]["unused_topk_retained"] = False  # as sea-edge exports write it
+    for name, entry in man["files"].items():
+        with open(folder / name, "wb") as f:
+            f.truncate(entry["bytes"])
+    (folder / "sea_edge.json").write_text(json.dumps(man))
+    return folder
+
+
+def test_generate_mode_keeps_last_logits(keep_last_folder):
+    """generate: the prefill returns the last position's logits, (B, 1, V), for SEA and dense alike; score: all of
+    them. Without the (B, T, V) logits SEA's peak grows by the KV cache and its bounded mask state only, and on an
+    8 GB board memory alone would hold >= 4x the dense context (the issue's aim; the model's 8192 positions cap both)."""
+    dims = bd.model_dims(keep_last_folder)
+    assert dims.logits_to_keep
+    gen = bd.budget_report(keep_last_folder, "rpi5-8gb", context=4096)
+    score = bd.budget_report(keep_last_folder, "rpi5-8gb", context=4096, mode="score")
+    bd.validate_report(gen)
+    bd.validate_report(score)
+    assert gen["mode"] == "generate" and gen["logits"] == "last" and score["logits"] == "all"
+    assert gen["sea"]["components"]["logits"] == 49152 * 4 and score["sea"]["components"]["logits"] == 4096 * 49152 * 4
+    assert gen["dense"]["components"]["logits"] <= 49152 * 4
+    assert gen["sea"]["total_bytes"] < score["sea"]["total_bytes"]
+    mc = gen["max_context"]
+    assert mc["ratio_memory"] >= 4.0, mc
+    assert mc["sea_memory"] > score["max_context"]["sea_memory"]
+    with pytest.raises(SeaEdgeError, match="unknown mode 'chat'"):
+        bd.budget_report(keep_last_folder, "rpi5-8gb", mode="chat")
+    with pytest.raises(SeaEdgeError, match="logits must be"):
+        bd.estimate_peak(dims, 16, logits="first")
 
 
 def test_context_beyond_max_positions(fake_folder):
@@ -259,9 +305,15 @@ def test_analytic_matches_measured_peak(exported_default, monkeypatch):
     import sea_edge.runtime.measure as measure_mod
 
     monkeypatch.setattr(measure_mod, "measure_peak", lambda *a, **k: m)  # the report's measure=True path, no rerun
-    rep = bd.budget_report(folder, "rpi5-8gb", context=1024, measure=True)
+    rep = bd.budget_report(folder, "rpi5-8gb", context=1024, measure=True, mode="score")
     bd.validate_report(rep)
     assert rep["measured"]["error_pct"] == pytest.approx(100 * err, abs=0.01)
+    # a generation's prefill (the last position's logits): a second fresh process, same bound
+    last = measure_peak(folder, 1024, keep_last=True)
+    assert last["logits"] == "last" and m["logits"] == "all"
+    est = bd.estimate_peak(bd.model_dims(folder), 1024, logits="last")["total_bytes"]
+    assert abs(est - last["peak_rss_bytes"]) <= 0.10 * last["peak_rss_bytes"], (est, last["peak_rss_bytes"])
+    assert last["peak_rss_bytes"] < m["peak_rss_bytes"]
 
 
 def test_weights_resident_counts_packed_copy_and_tied_transpose():
