@@ -260,3 +260,23 @@ def test_encoder_exports_one_graph(tmp_path, minilm):
     m = onnx.load(str(tmp_path / "enc" / "model.onnx"), load_external_data=False)
     assert sum(n.domain == "sea_edge" for n in m.graph.node) == 6
     assert r.validation["rel_err"] < 1e-4 and r.validation["agreement"] == 1.0
+
+
+def test_num_logits_to_keep(exported_default):
+    """The prefill's optional num_logits_to_keep input: 0 (its default, or no feed) = every position, n = the last n,
+    bit-identical to the same rows of the full logits; the manifest declares it."""
+    from sea_edge.export.exporter import read_manifest
+    from sea_edge.export.validate import _feeds
+
+    man = read_manifest(exported_default.out)
+    assert "num_logits_to_keep" in man["graphs"]["prefill"]["optional_inputs"]
+    sess = _session(exported_default.out / "model.onnx")
+    assert "num_logits_to_keep" in {i.name for i in sess.get_overridable_initializers()}
+    ids = np.random.default_rng(3).integers(0, 49152, (2, 37))
+    feeds = _feeds(ids)
+    full = sess.run(["logits"], feeds)[0]
+    assert full.shape == (2, 37, 49152)
+    for n, rows in ((0, 37), (1, 1), (5, 5), (100, 37)):
+        out = sess.run(["logits"], {**feeds, "num_logits_to_keep": np.array([n], np.int64)})[0]
+        assert out.shape == (2, rows, 49152)
+        np.testing.assert_array_equal(out, full[:, 37 - rows:])
