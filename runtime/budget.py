@@ -802,6 +802,7 @@ def plot_budget(report: dict, path: str | Path) -> Path:
     if report["measured"]:
         ax.plot([report["context"]], [report["measured"]["peak_rss_bytes"] / GiB], "k*", ms=10, label="measured")
     ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 2 * limit / GiB)  # the region around the limit; dense's quadratic tail leaves the chart
     ax.set_xlabel("context T (tokens)")
     ax.set_ylabel("peak memory (GiB)")
     ax.set_title(f"{report['model']}: prefill peak, batch {report['batch']}, {report['mode']} "
