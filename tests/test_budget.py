@@ -308,6 +308,10 @@ def test_analytic_matches_measured_peak(exported_default, monkeypatch):
     rep = bd.budget_report(folder, "rpi5-8gb", context=1024, measure=True, mode="score")
     bd.validate_report(rep)
     assert rep["measured"]["error_pct"] == pytest.approx(100 * err, abs=0.01)
+    for device in ("rpi5-8gb", "jetson-orin-nano-8gb"):  # the exported default on two 8 GB boards, generate mode
+        r = bd.budget_report(folder, device, context=1024)
+        bd.validate_report(json.loads(json.dumps(r)))
+        assert r["logits"] == "last" and r["verdict"] == "fits" and r["max_context"]["ratio_memory"] >= 4
     # a generation's prefill (the last position's logits): a second fresh process, same bound
     last = measure_peak(folder, 1024, keep_last=True)
     assert last["logits"] == "last" and m["logits"] == "all"
