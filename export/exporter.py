@@ -170,7 +170,8 @@ over fp32 (4 validation windows of 512 tokens)."""
 def session_config(accuracy_level: int = 1) -> dict:
     """The manifest's quantization.session_config for a weight-only scheme at this MatMulNBits accuracy level."""
     if accuracy_level not in ACCURACY_LEVELS:
-        raise SeaEdgeError(f"unknown accuracy level {accuracy_level}: choose one of {', '.join(map(str, ACCURACY_LEVELS))}")
+        levels = ", ".join(map(str, ACCURACY_LEVELS))
+        raise SeaEdgeError(f"unknown accuracy level {accuracy_level}: choose one of {levels}")
     return {"session.qdq_matmulnbits_accuracy_level": str(accuracy_level)}
 """onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits, whose default accuracy level 4 also quantizes the
 activations to int8; level 1 keeps them fp32, so the device computes what validation checked (the runtime applies

@@ -19,7 +19,8 @@ from sea_edge.runtime.manifest import LOGITS_TO_KEEP
 from .model import STATE_KINDS, BertEncoder, LlamaDecode, LlamaPrefill, io_names
 from .onnx_ops import attach_functions, custom_translation_table
 
-__all__ = ["DEBUG_METADATA", "LOGITS_TO_KEEP", "add_logits_to_keep", "export_prefill", "export_decode", "export_encoder", "save_pair", "save_one",
+__all__ = ["DEBUG_METADATA", "LOGITS_TO_KEEP", "add_logits_to_keep", "export_prefill", "export_decode",
+           "export_encoder", "save_pair", "save_one",
            "strip_debug_metadata", "model_dims",
            "graph_manifest", "encoder_manifest", "example_inputs"]
 

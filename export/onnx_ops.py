@@ -79,56 +79,58 @@ class _Builder:
 
 def sparse_attention_function(opset: int) -> onnx.FunctionProto:
     """The reference decomposition of SparseAttention as a FunctionProto: rows are processed ROW_CHUNK at a time by
-    a Scan (keys gathered per row with GatherND, softmax in fp32, empty rows 0)."""
+    a Scan (keys gathered per row with GatherND, softmax in fp32, empty rows 0).
+
+    Grouped-query heads are not expanded: q (B, Hq, T, D) is viewed as (B, Hkv, g, T, D) (query head h = kv head
+    h // g, a free reshape) and each row gathers from its own key/value head, so no (B, Hq, S, D) copy of the cache
+    is made (per layer and per decode step that copy was 2 x Hq x S x D x 4 bytes: 19 MB at S = 4096 for SmolLM2)."""
     b = _Builder("sa_")
     qf, kf, vf = (b("Cast", x, to=TensorProto.FLOAT) for x in ("q", "k", "v"))
     shq, shk = b("Shape", "q"), b("Shape", "k")
     B, H, T, D = (b.dim(shq, i) for i in range(4))
-    Hkv, S = b.dim(shk, 1), b.dim(shk, 2)
+    Hkv = b.dim(shk, 1)
     g = b("Div", H, Hkv)
     one, zero = b.const([1]), b.const([0])
-    # (B, Hkv, S, D) -> (B, Hq, S, D): query head h reads key/value head h // g
-    kh, vh = (b("Reshape", b("Expand", b("Unsqueeze", x, b.const([2])), b("Concat", B, Hkv, g, S, D, axis=0)),
-                b("Concat", B, H, S, D, axis=0)) for x in (kf, vf))
     c = b("Min", T, b.const([ROW_CHUNK]))
     N = b("Div", b("Sub", b("Add", T, c), one), c)
     pad = b("Sub", b("Mul", N, c), T)
     rows = b("Concat", b.const([0, 0, 0, 0, 0, 0]), pad, zero, axis=0)  # pads: only the end of the T axis
     idx64 = b("Cast", "idx", to=TensorProto.INT64)
-    qp = b("Reshape", b("Pad", qf, rows), b("Concat", B, H, N, c, D, axis=0))  # (B, H, N, c, D)
     w = b.dim(b("Shape", "idx"), 3)
-    ip = b("Reshape", b("Pad", idx64, rows, b.const(-1)), b("Concat", B, H, N, c, w, axis=0))  # (B, H, N, c, w)
+    # (B, Hq, T, .) -> pad T -> (B, Hkv, g, N, c, .)
+    qp = b("Reshape", b("Pad", qf, rows), b("Concat", B, Hkv, g, N, c, D, axis=0))
+    ip = b("Reshape", b("Pad", idx64, rows, b.const(-1)), b("Concat", B, Hkv, g, N, c, w, axis=0))
     scale_node = helper.make_node("Constant", [], ["sa_scale"])  # value_float = the function's `scale`
     scale_node.attribute.append(helper.make_attribute_ref("value_float", onnx.AttributeProto.FLOAT))
     scale_node.attribute[0].ref_attr_name = "scale"
     b.nodes.append(scale_node)
 
-    # Scan body: one block of rows. Outer-scope values (kh, vh, sa_scale) are read directly.
+    # Scan body: one block of rows of every head. Outer-scope values (kf, vf, sa_scale) are read directly.
     s = _Builder("sb_")
     shi = s("Shape", "ic")
-    bB, bH, bc, bw = (s.dim(shi, i) for i in range(4))
+    bB, bH, bg, bc, bw = (s.dim(shi, i) for i in range(5))
     valid = s("GreaterOrEqual", "ic", s.const(0))
-    flat = s("Reshape", s("Max", "ic", s.const(0)), s("Concat", bB, bH, s.const([-1, 1]), axis=0))  # (B, H, c*w, 1)
-    bD = s.dim(s("Shape", kh), 3)
-    shape5 = s("Concat", bB, bH, bc, bw, bD, axis=0)
-    kg = s("Reshape", s("GatherND", kh, flat, batch_dims=2), shape5)  # (B, H, c, w, D)
-    vg = s("Reshape", s("GatherND", vh, flat, batch_dims=2), shape5)
-    qc = s("Unsqueeze", "qc", s.const([3]))  # (B, H, c, 1, D)
-    logits = s("Mul", s("Squeeze", s("MatMul", qc, s("Transpose", kg, perm=[0, 1, 2, 4, 3])), s.const([3])),
-               "sa_scale")  # (B, H, c, w)
+    flat = s("Reshape", s("Max", "ic", s.const(0)), s("Concat", bB, bH, s.const([-1, 1]), axis=0))  # (B, Hkv, g*c*w, 1)
+    bD = s.dim(s("Shape", kf), 3)
+    shape6 = s("Concat", bB, bH, bg, bc, bw, bD, axis=0)
+    kg = s("Reshape", s("GatherND", kf, flat, batch_dims=2), shape6)  # (B, Hkv, g, c, w, D)
+    vg = s("Reshape", s("GatherND", vf, flat, batch_dims=2), shape6)
+    qc = s("Unsqueeze", "qc", s.const([4]))  # (B, Hkv, g, c, 1, D)
+    logits = s("Mul", s("Squeeze", s("MatMul", qc, s("Transpose", kg, perm=[0, 1, 2, 3, 5, 4])), s.const([4])),
+               "sa_scale")  # (B, Hkv, g, c, w)
     logits = s("Where", valid, logits, s.const(float("-inf"), TensorProto.FLOAT))
     p = s("Softmax", logits, axis=-1)
     p = s("Where", s("IsNaN", p), s.const(0.0, TensorProto.FLOAT), p)  # a row with no key at all -> 0
-    out = s("Squeeze", s("MatMul", s("Unsqueeze", p, s.const([3])), vg), s.const([3]))  # (B, H, c, D)
+    out = s("Squeeze", s("MatMul", s("Unsqueeze", p, s.const([4])), vg), s.const([4]))  # (B, Hkv, g, c, D)
     s.nodes.append(helper.make_node("Identity", [out], ["oc"]))
     body = helper.make_graph(
         s.nodes, "sparse_attention_rows",
-        [helper.make_tensor_value_info("qc", TensorProto.FLOAT, ["B", "H", "c", "D"]),
-         helper.make_tensor_value_info("ic", TensorProto.INT64, ["B", "H", "c", "w"])],
-        [helper.make_tensor_value_info("oc", TensorProto.FLOAT, ["B", "H", "c", "D"])],
+        [helper.make_tensor_value_info("qc", TensorProto.FLOAT, ["B", "Hkv", "g", "c", "D"]),
+         helper.make_tensor_value_info("ic", TensorProto.INT64, ["B", "Hkv", "g", "c", "w"])],
+        [helper.make_tensor_value_info("oc", TensorProto.FLOAT, ["B", "Hkv", "g", "c", "D"])],
     )
-    o = b("Scan", qp, ip, body=body, num_scan_inputs=2, scan_input_axes=[2, 2], scan_output_axes=[2])
-    o = b("Reshape", o, b("Concat", B, H, b("Mul", N, c), D, axis=0))
+    o = b("Scan", qp, ip, body=body, num_scan_inputs=2, scan_input_axes=[3, 3], scan_output_axes=[3])
+    o = b("Reshape", o, b("Concat", B, H, b("Mul", N, c), D, axis=0))  # (B, Hkv, g, N, c, D) -> (B, Hq, N c, D)
     o = b("Slice", o, zero, T, b.const([2]))
     b.nodes.append(helper.make_node("CastLike", [o, "q"], ["output"]))
     return helper.make_function(
@@ -193,7 +195,8 @@ def custom_translation_table() -> dict:
             L = op.Expand(S, T)
         Lc = op.Unsqueeze(L, ints(1))  # (T, 1)
         j = op.Range(op.Constant(value_int=0), Ks, op.Constant(value_int=1))  # (K,)
-        selectable = op.Greater(op.Div(op.Mul(op.Add(j, op.Constant(value_int=1)), Lc), Ks), op.Div(op.Mul(j, Lc), Ks))  # (T, K)
+        selectable = op.Greater(op.Div(op.Mul(op.Add(j, op.Constant(value_int=1)), Lc), Ks),
+                                op.Div(op.Mul(j, Lc), Ks))  # (T, K)
         p = op.Where(selectable, op.Cast(probs, to=FLOAT), op.Constant(value_float=float("-inf")))
         # (1) each head's top c columns; (2) the top n_row of the H*c candidates of a token, head-major
         c = op.Min(head_cap, K)
@@ -202,7 +205,8 @@ def custom_translation_table() -> dict:
         Hc = op.Mul(H, c)
         _, order = op.TopK(flat, Hc, axis=-1, largest=1, sorted=1)
         if n_keys > 0:  # reference.row_columns: rows whose columns span fewer keys keep more of them
-            n_row = op.Max(op.Div(op.Constant(value_int=n_keys), op.Div(op.Sub(op.Add(L, Ks), op.Constant(value_int=1)), Ks)),
+            n_row = op.Max(op.Div(op.Constant(value_int=n_keys),
+                                  op.Div(op.Sub(op.Add(L, Ks), op.Constant(value_int=1)), Ks)),
                            op.Constant(value_int=1))
         else:
             n_row = op.Expand(n_cols, T)
@@ -223,7 +227,8 @@ def custom_translation_table() -> dict:
         end = op.Div(op.Mul(op.Add(colc, op.Constant(value_int=1)), L4), Ks)
         key = op.Add(op.Unsqueeze(start, ints(-1)), op.Range(op.Constant(value_int=0), op.Squeeze(span),
                                                           op.Constant(value_int=1)))  # (B, H, T, c, span)
-        ok = op.And(op.Unsqueeze(op.GreaterOrEqual(cols, op.Constant(value_int=0)), ints(-1)), op.Less(key, op.Unsqueeze(end, ints(-1))))
+        ok = op.And(op.Unsqueeze(op.GreaterOrEqual(cols, op.Constant(value_int=0)), ints(-1)),
+                    op.Less(key, op.Unsqueeze(end, ints(-1))))
         if key_valid is not None:
             kv = op.Cast(key_valid, to=INT64)  # (B, S)
             got = op.GatherElements(kv, op.Reshape(op.Min(key, op.Sub(S, one)), op.Concat(B, ints(-1), axis=0)),

@@ -372,10 +372,10 @@ def quantize_tied_embedding(model: onnx.ModelProto, scheme: str, block_size: int
                             accuracy_level: int = 1) -> WeightReport | None:
     """Quantize (in place) a tied embedding / lm_head table: Gather -> com.microsoft.GatherBlockQuantized, the lm_head
     MatMul(x, Transpose(W)) -> com.microsoft.MatMulNBits(x, Reshape(codes), scales) (accuracy_level 1: fp32
-    activations; 4: int8 activations, onnxruntime's fast path). Both read ONE table of unsigned codes (the symmetric sea_edge.quantize codes + 2^(bits-1), packed
-    low nibble first for 4 bits) in blocks along E, so the file holds it once; onnxruntime folds the Reshape at
-    load. Returns None (and changes nothing) when the graph has no tied table in that pattern or no block size
-    (embedding_block) fits its width."""
+    activations; 4: int8 activations, onnxruntime's fast path). Both read ONE table of unsigned codes (the
+    symmetric sea_edge.quantize codes + 2^(bits-1), packed low nibble first for 4 bits) in blocks along E, so the
+    file holds it once; onnxruntime folds the Reshape at load. Returns None (and changes nothing) when the graph has
+    no tied table in that pattern or no block size (embedding_block) fits its width."""
     import torch
 
     if scheme not in EMBED_BITS:

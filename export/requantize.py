@@ -144,7 +144,8 @@ def _weight_only(src: Path, tmp: Path, scheme: str, accuracy_level: int, config:
     if embed is not None:
         reports.append(embed)
     return {"scheme": scheme, "block_size": block, "weights": len(reports),
-            "targets": "all Linear layers (teacher and SEA estimators), and the tied embedding / lm_head in int8" if embed
+            "targets": "all Linear layers (teacher and SEA estimators), and the tied embedding / lm_head in int8"
+            if embed
             else "all Linear layers (teacher and SEA estimators); the tied embedding / lm_head stays fp32",
             "embedding": embedding_entry(embed, accuracy_level), "accuracy_level": accuracy_level,
             "bytes_before": sum(r.bytes_before for r in reports), "bytes_after": sum(r.bytes_after for r in reports),

@@ -653,7 +653,8 @@ def budget_report(folder: str | Path, device: str, context: int | None = None, b
     "fits"; sea is null for a dense folder), limit_bytes, headroom_bytes (limit - total of the folder's own
     attention; negative = over), verdict ("fits", "tight" = under 10% headroom, "does not fit"), mode, logits
     ("all" / "last": what the estimates assume), max_context ({sea, dense, ratio = sea / dense, max_positions}
-    within the model's positions; sea_memory, dense_memory, ratio_memory: as far as memory alone allows), curve ({context, sea_bytes, dense_bytes} for the plot),
+    within the model's positions; sea_memory, dense_memory, ratio_memory: as far as memory alone allows), curve
+    ({context, sea_bytes, dense_bytes} for the plot),
     measured (null or {peak_rss_bytes, rss_after_load, seconds, settings, error_pct}), calibration.
     Raises SeaEdgeError for an unknown device, a malformed profile file, a bad folder, or T beyond max positions.
     """

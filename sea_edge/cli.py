@@ -334,8 +334,9 @@ def quantize_cmd(
     = Scheme.int8,
     target: Annotated[Optional[str], typer.Option(help="Device profile (sea-edge budget --list-devices): picks the "
                                                        "dynamic-int8 preset (arm64 / avx2 / avx512_vnni).")] = None,
-    report_tokens: Annotated[int, typer.Option(min=16, max=8192, help="Tokens per validation window of the report "
-                                                                         "(2 windows; perplexity, agreement, latency).")]
+    report_tokens: Annotated[int, typer.Option(
+        min=16, max=8192, help="Tokens per validation window of the report (2 windows; perplexity, agreement, "
+                               "latency).")]
     = 256,
     accuracy_level: Annotated[int, typer.Option(help="onnxruntime MatMulNBits accuracy level of int8 / int4: 1 = fp32 "
                                                      "activations (best perplexity), 4 = int8 activations (fastest "

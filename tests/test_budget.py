@@ -230,7 +230,8 @@ def keep_last_folder(tmp_path_factory) -> Path:
 def test_generate_mode_keeps_last_logits(keep_last_folder):
     """generate: the prefill returns the last position's logits, (B, 1, V), for SEA and dense alike; score: all of
     them. Without the (B, T, V) logits SEA's peak grows by the KV cache and its bounded mask state only, and on an
-    8 GB board memory alone would hold >= 4x the dense context (the issue's aim; the model's 8192 positions cap both)."""
+    8 GB board memory alone would hold >= 4x the dense context (the issue's aim; the model's 8192 positions cap
+    both)."""
     dims = bd.model_dims(keep_last_folder)
     assert dims.logits_to_keep
     gen = bd.budget_report(keep_last_folder, "rpi5-8gb", context=4096)

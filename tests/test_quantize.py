@@ -454,7 +454,8 @@ def _tied_lm(V=300, E=192, seed=0):
              helper.make_node("Mul", ["x", "c"], ["h"]),
              helper.make_node("Transpose", ["lm_head.weight"], ["wt"], perm=[1, 0]),
              helper.make_node("MatMul", ["h", "wt"], ["logits"])]
-    g = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["B", "T"])],
+    ids = helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["B", "T"])
+    g = helper.make_graph(nodes, "tied", [ids],
                           [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["B", "T", V]),
                            helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", "T", E])],
                           [onnx.numpy_helper.from_array(W, "lm_head.weight"),
@@ -465,7 +466,8 @@ def _tied_lm(V=300, E=192, seed=0):
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_onnx_tied_embedding_gather_and_lm_head_share_one_table(scheme, tmp_path):
     """GatherBlockQuantized + MatMulNBits on one code table: the gather is exactly the dequantized rows of
-    sea_edge.quantize's codes, the lm_head matches their fp32 product (accuracy level 1), and the table is stored once."""
+    sea_edge.quantize's codes, the lm_head matches their fp32 product (accuracy level 1), and the table is stored
+    once."""
     from sea_edge.export.quantize_onnx import embedding_block, quantize_tied_embedding
     from sea_edge.quantize import dequantize_weight, quantize_weight
 
