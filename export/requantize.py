@@ -83,7 +83,7 @@ def quantize_folder(src: Path, out: Path, scheme: str, target: str | None = None
     src, out = Path(src), Path(out)
     if scheme not in SCHEMES:
         raise SeaEdgeError(f"unknown --scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
-    config = session_config(accuracy_level)
+    session_config(accuracy_level)  # an unknown level fails here, before any work
     man = read_manifest(src)
     if man.get("quantization", {}).get("scheme", "none") != "none":
         raise SeaEdgeError(f"{src} is already quantized ({man['quantization']['scheme']}): start from an fp32 export")
@@ -100,7 +100,7 @@ def quantize_folder(src: Path, out: Path, scheme: str, target: str | None = None
             if scheme == "dynamic-int8":
                 quant = _dynamic_int8(src, tmp, preset)
             else:
-                quant = _weight_only(src, tmp, scheme, accuracy_level, config)
+                quant = _weight_only(src, tmp, scheme, accuracy_level)
             for name in man["files"]:  # the tokenizer: what the manifest lists that is not a graph or weights
                 if name not in (PREFILL, DECODE, WEIGHTS, MANIFEST) and not name.endswith(".data"):
                     shutil.copy2(src / name, tmp / name)
@@ -126,7 +126,7 @@ def quantize_folder(src: Path, out: Path, scheme: str, target: str | None = None
     return report
 
 
-def _weight_only(src: Path, tmp: Path, scheme: str, accuracy_level: int, config: dict) -> dict:
+def _weight_only(src: Path, tmp: Path, scheme: str, accuracy_level: int) -> dict:
     from .graphs import save_pair
     from .quantize_onnx import embedding_entry, quantize_embedding_pair, quantize_matmul_weights
 
@@ -149,7 +149,7 @@ def _weight_only(src: Path, tmp: Path, scheme: str, accuracy_level: int, config:
             else "all Linear layers (teacher and SEA estimators); the tied embedding / lm_head stays fp32",
             "embedding": embedding_entry(embed, accuracy_level), "accuracy_level": accuracy_level,
             "bytes_before": sum(r.bytes_before for r in reports), "bytes_after": sum(r.bytes_after for r in reports),
-            "session_config": config,
+            "session_config": session_config(accuracy_level),
             "computes": "com.microsoft.MatMulBnb4 (NF4 dequantized to fp32, then an fp32 GEMM)" if scheme == "nf4"
             else f"DequantizeLinear({scheme}, blocks of {block}) + MatMul; onnxruntime fuses it into MatMulNBits, "
                  + ("fp32 activations at accuracy level 1" if accuracy_level == 1 else

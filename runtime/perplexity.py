@@ -2,8 +2,8 @@
 NumPy and the `tokenizers` package so that no torch is needed.
 
 - The text is tokenized as one stream without special tokens and cut into consecutive windows of `seq_len` tokens,
-  the tail dropped, the first `max_windows` kept (`token_windows`, the twin of `sea_edge.data.token_windows`,
-  including its shortcut of tokenizing only a prefix of a long text).
+  the tail dropped, the first `max_windows` kept (`token_windows`: sea_edge.data.window_ids, the same code as
+  sea_edge.data.token_windows, including its shortcut of tokenizing only a prefix of a long text).
 - Each window is scored independently; its first token is context only: tokens = windows * (seq_len - 1).
 - ppl = exp(summed next-token NLL / tokens), NLL in nats summed in float64.
 - Peak memory is the process's ru_maxrss after the run (loaded model included), as in sea_edge.evaluation.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sea_edge.errors import SeaEdgeError
+from sea_edge.data import window_ids
 
 __all__ = ["PerplexityResult", "peak_rss_mib", "token_windows", "window_nll_sum"]
 
@@ -37,6 +37,12 @@ class PerplexityResult:
     seq_len: int
 
 
+def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> np.ndarray:
+    """Non-overlapping windows of `seq_len` tokens from the start of `text`: int64 (N, seq_len), for a
+    `tokenizers.Tokenizer`: sea_edge.data.window_ids (pure Python and NumPy) with that tokenizer's encoding."""
+    return window_ids(lambda s: tokenizer.encode(s, add_special_tokens=False).ids, text, seq_len, max_windows)
+
+
 def peak_rss_mib() -> float:
     """The process's peak resident set size in MiB (ru_maxrss; current RSS via psutil where resource is missing)."""
     try:
@@ -47,42 +53,6 @@ def peak_rss_mib() -> float:
         return psutil.Process().memory_info().rss / 2**20
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 2**10  # macOS: bytes, Linux: KiB
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False).ids
-
-
-def _token_ids(tokenizer, text: str, needed: int | None) -> list[int]:
-    """Token ids of `text`, or of a prefix of it (cut at a line break) holding at least `needed` tokens that agree
-    with the full text's: the same rule, margin and growth as sea_edge.data._token_ids."""
-    if needed is None:
-        return _encode(tokenizer, text)
-    margin = 64
-    chars = 8 * (needed + margin)
-    while chars < len(text):
-        cut = text.find("\n", chars)
-        if cut < 0:
-            break
-        ids = _encode(tokenizer, text[:cut])
-        if len(ids) >= needed + margin:
-            return ids[:needed]
-        chars *= 2
-    return _encode(tokenizer, text)
-
-
-def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> np.ndarray:
-    """Non-overlapping windows of `seq_len` tokens from the start of `text`: int64 (N, seq_len). `tokenizer` is a
-    `tokenizers.Tokenizer`."""
-    if seq_len < 1:
-        raise SeaEdgeError(f"seq_len must be >= 1, got {seq_len}")
-    if max_windows is not None and max_windows < 1:
-        raise SeaEdgeError(f"max_windows must be >= 1, got {max_windows}")
-    ids = _token_ids(tokenizer, text, None if max_windows is None else max_windows * seq_len)
-    n = len(ids) // seq_len if max_windows is None else min(max_windows, len(ids) // seq_len)
-    if n == 0:
-        raise SeaEdgeError(f"text too short: {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
-    return np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)  # (N, seq_len)
 
 
 def window_nll_sum(logits: np.ndarray, ids: np.ndarray) -> float:

@@ -19,15 +19,18 @@ from __future__ import annotations
 import functools
 import importlib.util
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from sea_edge.errors import SeaEdgeError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SPLITS", "clean_markdown", "corpus_plays", "load_corpus", "token_windows"]
+__all__ = ["SPLITS", "clean_markdown", "corpus_plays", "load_corpus", "token_windows", "window_ids"]
 
 SPLITS = ("train", "validation")
 VALIDATION_EVERY = 8  # every 8th play (sorted) is validation: 4 of 38 plays, ~12% of the characters
@@ -80,33 +83,40 @@ def load_corpus(split: str = "validation") -> str:
 
 
 def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of `seq_len` tokens from the start of `text`: LongTensor (N, seq_len).
-
-    The text is tokenized as one stream without special tokens (no BOS per window), cut into consecutive windows;
-    the incomplete tail is dropped. With `max_windows`, only the first `max_windows` windows are returned and only
-    a prefix of the text is tokenized (the same tokens as tokenizing everything: the prefix ends at a line break
-    well past the last token used)."""
+    """Non-overlapping windows of `seq_len` tokens from the start of `text`: LongTensor (N, seq_len), for a
+    transformers tokenizer (`window_ids` says how the windows are cut)."""
     import torch
-
-    if seq_len < 1:
-        raise SeaEdgeError(f"seq_len must be >= 1, got {seq_len}")
-    if max_windows is not None and max_windows < 1:
-        raise SeaEdgeError(f"max_windows must be >= 1, got {max_windows}")
-
-    ids = _token_ids(tokenizer, text, None if max_windows is None else max_windows * seq_len)
-    n = len(ids) // seq_len if max_windows is None else min(max_windows, len(ids) // seq_len)
-    if n == 0:
-        raise SeaEdgeError(f"text too short: {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)  # (N, seq_len)
-
-
-def _token_ids(tokenizer, text: str, needed: int | None) -> list[int]:
-    """Token ids of `text`, or of a prefix of it holding at least `needed` tokens that agree with the full text's."""
 
     def encode(s: str) -> list[int]:
         # verbose=False: long texts are the point here, not a mistake worth the "longer than max length" warning
         return tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"]
 
+    return torch.from_numpy(window_ids(encode, text, seq_len, max_windows))
+
+
+def window_ids(encode: Callable[[str], list[int]], text: str, seq_len: int,
+               max_windows: int | None = None) -> np.ndarray:
+    """Non-overlapping windows of `seq_len` tokens from the start of `text`: int64 (N, seq_len). `encode` maps a
+    string to its token ids without special tokens (token_windows passes transformers' tokenizer, the torch-free
+    runtime the `tokenizers` package's).
+
+    The text is tokenized as one stream without special tokens (no BOS per window), cut into consecutive windows;
+    the incomplete tail is dropped. With `max_windows`, only the first `max_windows` windows are returned and only
+    a prefix of the text is tokenized (the same tokens as tokenizing everything: the prefix ends at a line break
+    well past the last token used)."""
+    if seq_len < 1:
+        raise SeaEdgeError(f"seq_len must be >= 1, got {seq_len}")
+    if max_windows is not None and max_windows < 1:
+        raise SeaEdgeError(f"max_windows must be >= 1, got {max_windows}")
+    ids = _token_ids(encode, text, None if max_windows is None else max_windows * seq_len)
+    n = len(ids) // seq_len if max_windows is None else min(max_windows, len(ids) // seq_len)
+    if n == 0:
+        raise SeaEdgeError(f"text too short: {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
+    return np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)  # (N, seq_len)
+
+
+def _token_ids(encode: Callable[[str], list[int]], text: str, needed: int | None) -> list[int]:
+    """Token ids of `text`, or of a prefix of it holding at least `needed` tokens that agree with the full text's."""
     if needed is None:
         return encode(text)
     margin = 64  # tokens past the last one used, so the cut at a line break cannot change any token we keep

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from sea_edge.data import SPLITS, load_corpus, token_windows
 from sea_edge.errors import SeaEdgeError
+from sea_edge.runtime.perplexity import peak_rss_mib
 from sea_edge.teacher import DEFAULT_TEACHER, TeacherInfo, load_teacher, teacher_info
 
 if TYPE_CHECKING:
@@ -43,18 +44,6 @@ class PerplexityResult:
     peak_rss_mib: float  # process peak RSS after the run (module docstring)
     windows: int
     seq_len: int
-
-
-def peak_rss_mib() -> float:
-    """The process's peak resident set size in MiB (ru_maxrss; current RSS via psutil where resource is missing)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 2**10  # macOS: bytes, Linux: KiB
 
 
 def perplexity(

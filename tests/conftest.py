@@ -16,6 +16,18 @@ def smollm2():
     return load_teacher(DEFAULT_TEACHER)
 
 
+@pytest.fixture
+def sea_smollm2(smollm2):
+    """The shared teacher in SEA mode with the default estimator, dense again afterwards."""
+    from sea_edge.estimator_io import apply_estimator, resolve_estimator
+    from sea_edge.patch import to_dense
+
+    model, tok = smollm2
+    apply_estimator(model, resolve_estimator("smollm2-135m", "default"))
+    yield model, tok
+    to_dense(model)
+
+
 @pytest.fixture(scope="session")
 def minilm():
     """(model, tokenizer) of all-MiniLM-L6-v2, the bidirectional (BERT encoder) teacher."""

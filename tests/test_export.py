@@ -134,17 +134,6 @@ def test_export_writes_custom_op_function_and_manifest(exported_default):
     assert (out / "decode.onnx").stat().st_size < 100e6 and not (out / "decode.onnx.data").exists()
 
 
-@pytest.fixture
-def sea_smollm2(smollm2):
-    from sea_edge.estimator_io import apply_estimator, resolve_estimator
-    from sea_edge.patch import to_dense
-
-    model, tok = smollm2
-    apply_estimator(model, resolve_estimator("smollm2-135m", "default"))
-    yield model, tok
-    to_dense(model)
-
-
 def test_plain_onnxruntime_matches_torch(exported_default, sea_smollm2):
     """A stock onnxruntime session (no custom-op library) runs the exported prefill; compared with the torch SEA
     model on real text not used by the export's own validation (the train split)."""

@@ -30,18 +30,6 @@ def session(exported_default):
     return SeaSession(exported_default.out)
 
 
-@pytest.fixture
-def sea_smollm2(smollm2):
-    """The shared teacher in SEA mode with the default estimator, dense again afterwards."""
-    from sea_edge.estimator_io import apply_estimator, resolve_estimator
-    from sea_edge.patch import to_dense
-
-    model, tok = smollm2
-    apply_estimator(model, resolve_estimator("smollm2-135m", "default"))
-    yield model, tok
-    to_dense(model)
-
-
 def _greedy_full_recompute(model, ids: list[int], n: int) -> list[int]:
     """Greedy tokens of the torch model, the whole sequence recomputed each step (no cache: the eager cache path
     does not carry SEA's decoder-CNN state)."""
