@@ -25,14 +25,14 @@ _ROWS = 256  # logit rows promoted to float64 at a time: (256, V) float64 is 100
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    """The fields of sea_edge.evaluation.PerplexityResult, same meaning."""
+    """One perplexity run (sea_edge.evaluation.perplexity and SeaSession.perplexity both return it)."""
 
     ppl: float  # exp(nll)
     nll: float  # mean next-token negative log-likelihood over the scored tokens, nats
     tokens: int  # tokens scored = windows * (seq_len - 1)
     seconds: float  # wall time of the forward passes (tokenization excluded)
-    tokens_per_s: float  # windows * seq_len / seconds (unscored tokens too)
-    peak_rss_mib: float  # process peak RSS after the run
+    tokens_per_s: float  # tokens through the model per second, windows * seq_len / seconds (unscored ones too)
+    peak_rss_mib: float  # process peak RSS after the run (peak_rss_mib)
     windows: int
     seq_len: int
 

@@ -25,25 +25,13 @@ from typing import TYPE_CHECKING
 
 from sea_edge.data import SPLITS, load_corpus, token_windows
 from sea_edge.errors import SeaEdgeError
-from sea_edge.runtime.perplexity import peak_rss_mib
+from sea_edge.runtime.perplexity import PerplexityResult, peak_rss_mib  # shared with the torch-free runtime
 from sea_edge.teacher import DEFAULT_TEACHER, TeacherInfo, load_teacher, teacher_info
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["EvalConfig", "EvalReport", "PerplexityResult", "evaluate", "peak_rss_mib", "perplexity"]
-
-
-@dataclass(frozen=True)
-class PerplexityResult:
-    ppl: float  # exp(nll)
-    nll: float  # mean next-token negative log-likelihood over the scored tokens, nats
-    tokens: int  # tokens scored = windows * (seq_len - 1)
-    seconds: float  # wall time of the forward passes (tokenization excluded)
-    tokens_per_s: float  # tokens through the model per second, windows * seq_len / seconds (unscored ones too)
-    peak_rss_mib: float  # process peak RSS after the run (module docstring)
-    windows: int
-    seq_len: int
 
 
 def perplexity(
