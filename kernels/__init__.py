@@ -8,7 +8,7 @@ if __name__ != "sea_edge.kernels":
     # op.py a second time under that name would register `sea_edge::sparse_attention` twice and break it.
     raise ImportError(f"sea-edge's kernels are imported as sea_edge.kernels, not as {__name__!r}")
 
-from .op import sparse_attention, sparse_index_op
+from .op import select_columns_op, sparse_attention, sparse_attention_cols, sparse_index_op
 from .reference import (
     check_attention_shapes,
     column_spans,
@@ -16,6 +16,7 @@ from .reference import (
     row_columns,
     select_columns_ref,
     sparse_attention_bwd_ref,
+    sparse_attention_cols_ref,
     sparse_attention_ref,
     sparse_index_ref,
 )
@@ -27,6 +28,9 @@ _LAZY = {
     "sparse_attention_triton": "triton_sparse_attention",
     "sparse_attention_triton_bwd": "triton_sparse_attention",
     "sparse_attention_plan": "triton_sparse_attention",
+    "sparse_attention_cols_plan": "triton_sparse_attention",
+    "sparse_attention_cols_triton": "triton_sparse_attention",
+    "sparse_attention_cols_triton_bwd": "triton_sparse_attention",
 }
 
 
@@ -49,6 +53,12 @@ __all__ = [
     "sparse_attention_plan",
     "sparse_attention_ref",
     "sparse_attention_bwd_ref",
+    "sparse_attention_cols",
+    "sparse_attention_cols_plan",
+    "sparse_attention_cols_ref",
+    "sparse_attention_cols_triton",
+    "sparse_attention_cols_triton_bwd",
+    "select_columns_op",
     "check_attention_shapes",
     "sparse_attention_triton",
     "sparse_attention_triton_bwd",

@@ -4,8 +4,13 @@ with a block mask of equal keys per row, and the plain-torch reference.
     python -m sea_edge.kernels.bench --out runs/bench            # GPU: the issue's grid (B=1, fp16, D=64)
     python -m sea_edge.kernels.bench --quick --out runs/bench    # CPU smoke (tiny shapes; TRITON_INTERPRET=1)
 
-Masks are built with the real mask references (sparse_index_ref) from smooth, local random compressed
-probabilities. The compressed width is K = 256 (SEA.md, the paper's OPT setting) unless a column's span S/K would
+Two forms of our op: `cols` is what a SEA layer runs on the GPU (sea_edge::sparse_attention_cols: the block plan
+built from the kept compressed columns, then the forward kernel); `idx` is the generic op over per-row key lists
+(sea_edge::sparse_attention: plan from idx, then the same kernel). `kern64` is the forward kernel alone on a prebuilt
+plan, the like-for-like comparison with Flex, whose block mask is also built outside its timing.
+
+Masks are built with the real mask references (select_columns_ref, expand_columns_ref) from smooth, local random
+compressed probabilities. The compressed width is K = 256 (SEA.md, the paper's OPT setting) unless a column's span S/K would
 exceed a quarter of the budget k; then K grows so that each head keeps k/span >= 4 whole columns (k = 64 at T = 64k
 cannot be made of 256-key columns). Each head keeps exactly k keys per row (head_cap = n_cols / H), except
 early causal rows that have fewer keys. Prints a table; writes bench.json and bench.png to --out.
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .reference import sparse_attention_ref, sparse_index_ref
+from .reference import expand_columns_ref, select_columns_ref, sparse_attention_ref
 
 __all__ = ["bench_masks", "main"]
 
@@ -36,8 +41,9 @@ NOISE = 0.1
 
 
 def bench_masks(B, H, T, S, k, causal, device, seed=0, chunk=4096):
-    """idx (B, H, T, k) from smooth/local random compressed probabilities through sparse_index_ref, built
-    `chunk` query rows at a time (a causal chunk is the last rows of its own prefix S' = S - T + t1)."""
+    """(idx (B, H, T, k), K, cols (B, H, T, c)) from smooth/local random compressed probabilities through the mask
+    references (select_columns_ref, expand_columns_ref), built `chunk` query rows at a time (a causal chunk is the
+    last rows of its own prefix S' = S - T + t1). cols is the mask as SEA's GPU path hands it to the kernel."""
     span = min(max(1, math.ceil(S / 256)), max(1, k // 4))
     K = max(256, math.ceil(S / span))
     cap = max(1, k // span)
@@ -45,7 +51,7 @@ def bench_masks(B, H, T, S, k, causal, device, seed=0, chunk=4096):
     Tc = max(2, T // 256)
     coarse = torch.randn(B, H, Tc, max(2, K // 16), generator=g, device=device)
     coarse = torch.nn.functional.interpolate(coarse, size=(Tc, K), mode="bilinear", align_corners=False)
-    out = []
+    out, out_cols = [], []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         # smooth field over (rows, columns), linear in the row between coarse rows; a local bump on the row's
@@ -61,11 +67,14 @@ def bench_masks(B, H, T, S, k, causal, device, seed=0, chunk=4096):
         logits = 2.0 * f + 3.0 * bump + NOISE * torch.randn(f.shape, generator=g, device=device)
         probs = logits.softmax(-1)
         Sc = S - T + t1 if causal else S
-        idx = sparse_index_ref(probs, H * cap, cap, Sc, causal)
+        # the chunk's rows are the last rows of the prefix Sc: same column spans as in the whole (T, S) problem
+        cols = select_columns_ref(probs, H * cap, cap, Sc, causal)
+        idx = expand_columns_ref(cols, K, Sc, causal)
         out.append(idx[..., :k] if idx.shape[-1] >= k else torch.nn.functional.pad(idx, (0, k - idx.shape[-1]),
                                                                                       value=-1))
+        out_cols.append(cols)
         del f, probs
-    return torch.cat(out, 2).contiguous(), K
+    return torch.cat(out, 2).contiguous(), K, torch.cat(out_cols, 2).contiguous()
 
 
 def flex_block_mask(B, H, T, S, k, causal, device, seed=0):
@@ -120,7 +129,12 @@ def peak_mib(fn, cuda=True):
 
 
 def run_config(B, Hq, Hkv, T, k, causal, D, dtype, device, args, flex_fn, cache):
-    from .triton_sparse_attention import sparse_attention_plan, sparse_attention_triton
+    from .triton_sparse_attention import (
+        sparse_attention_cols_plan,
+        sparse_attention_cols_triton,
+        sparse_attention_plan,
+        sparse_attention_triton,
+    )
 
     cuda = device == "cuda"
     S = T
@@ -128,7 +142,7 @@ def run_config(B, Hq, Hkv, T, k, causal, D, dtype, device, args, flex_fn, cache)
     q = torch.randn(B, Hq, T, D, generator=g, device=device).to(dtype)
     kk = torch.randn(B, Hkv, S, D, generator=g, device=device).to(dtype)
     vv = torch.randn(B, Hkv, S, D, generator=g, device=device).to(dtype)
-    idx, K = bench_masks(B, Hq, T, S, k, causal, device)
+    idx, K, cols = bench_masks(B, Hq, T, S, k, causal, device)
     scale = 1.0 / math.sqrt(D)
     n_keys = int((idx >= 0).sum())
     flops = 4.0 * n_keys * D  # QK^T and PV, 2 flops per multiply-add
@@ -147,6 +161,17 @@ def run_config(B, Hq, Hkv, T, k, causal, D, dtype, device, args, flex_fn, cache)
     row["ours_tflops"] = flops / row["ours_ms"] / 1e9
     row["ours_gbs"] = nbytes / row["ours_ms"] / 1e6
     row["ours_peak_mib"] = peak_mib(ours, cuda)
+    # SEA's GPU path: the op planned from the kept columns (no idx)
+    if cuda:
+        from .op import sparse_attention_cols as cols_op
+    else:
+        def cols_op(q_, k_, v_, c_, kv_, K_, causal_, s_):
+            return sparse_attention_cols_triton(q_, k_, v_, c_, K_, causal_, s_, kv_)
+    row["cols_ms"] = _time_ms(lambda: cols_op(q, kk, vv, cols, None, K, causal, scale), cuda)
+    row["cols_tflops"] = flops / row["cols_ms"] / 1e9
+    row["cols_gbs"] = ((2 * q.numel() + 2 * kk.numel()) * q.element_size() + cols.numel() * 4) / row["cols_ms"] / 1e6
+    row["cols_peak_mib"] = peak_mib(lambda: cols_op(q, kk, vv, cols, None, K, causal, scale), cuda)
+    row["colsplan_ms"] = _time_ms(lambda: sparse_attention_cols_plan(cols, K, S, causal), cuda)
     for bm in (64, 128):
         plan = sparse_attention_plan(idx, S, block_m=bm)
         row[f"plan{bm}_ms"] = _time_ms(lambda: sparse_attention_plan(idx, S, block_m=bm), cuda)  # noqa: B023
@@ -181,7 +206,8 @@ def run_config(B, Hq, Hkv, T, k, causal, D, dtype, device, args, flex_fn, cache)
                 break
             except Exception as e:  # noqa: BLE001
                 row["flex_error"] = repr(e)[:300]
-    row["ours_over_flex"] = row["ours_ms"] / row["flex_ms"] if not math.isnan(row["flex_ms"]) else float("nan")
+    for name in ("ours", "cols", "kernel64"):
+        row[f"{name}_over_flex"] = row[f"{name}_ms"] / row["flex_ms"]  # NaN without Flex
 
     # the torch reference: only where its gathered (chunk x w x D) fp32 blocks stay small and time stays sane
     if T * k <= args.ref_max:
@@ -192,10 +218,11 @@ def run_config(B, Hq, Hkv, T, k, causal, D, dtype, device, args, flex_fn, cache)
     return row
 
 
-COLS = [("Hq", "H"), ("Hkv", "Hkv"), ("T", "T"), ("k", "k"), ("causal", "causal"), ("ours_ms", "ours ms"),
-        ("ours_tflops", "TFLOP/s"), ("ours_gbs", "GB/s"), ("ours_peak_mib", "peak MiB"),
-        ("kernel64_ms", "kern64"), ("kernel128_ms", "kern128"), ("plan64_ms", "plan64"), ("work64_over_k", "work/k"),
-        ("sdpa_flash_ms", "sdpa ms"), ("flex_ms", "flex ms"), ("ours_over_flex", "ours/flex"), ("ref_ms", "ref ms")]
+COLS = [("Hq", "H"), ("Hkv", "Hkv"), ("T", "T"), ("k", "k"), ("causal", "causal"), ("cols_ms", "cols ms"),
+        ("cols_tflops", "TFLOP/s"), ("cols_gbs", "GB/s"), ("cols_peak_mib", "peak MiB"), ("colsplan_ms", "cplan"),
+        ("ours_ms", "idx ms"), ("plan64_ms", "iplan"), ("kernel64_ms", "kern64"), ("kernel128_ms", "kern128"),
+        ("work64_over_k", "work/k"), ("sdpa_flash_ms", "sdpa ms"), ("flex_ms", "flex ms"),
+        ("cols_over_flex", "cols/flex"), ("kernel64_over_flex", "kern/flex"), ("ref_ms", "ref ms")]
 
 
 def format_table(rows):
@@ -230,7 +257,8 @@ def plot(rows, path):
                 if not sel:
                     continue
                 Ts = [r["T"] for r in sel]
-                for key, name in (("ours_ms", "ours"), ("flex_ms", "flex"), ("sdpa_flash_ms", "sdpa flash")):
+                for key, name in (("cols_ms", "ours (cols)"), ("ours_ms", "ours (idx)"), ("flex_ms", "flex"),
+                                  ("sdpa_flash_ms", "sdpa flash")):
                     ax.plot(Ts, [r[key] for r in sel], ls, marker="o", label=f"{name} {hq}/{hkv}")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -248,7 +276,7 @@ def sweep(device, out):
     kernel64 ms per setting; prints a table and writes sweep.json."""
     import importlib
 
-    sa = importlib.import_module(__package__ + ".sparse_attention")  # the package's name is the op function
+    sa = importlib.import_module(__package__ + ".triton_sparse_attention")
 
     default = dict(sa._CFG)
     shapes = [(65536, 64, False), (65536, 2048, False)]
@@ -260,7 +288,7 @@ def sweep(device, out):
         q = torch.randn(1, 12, T, 64, generator=g, device=device).half()
         kk = torch.randn(1, 12, T, 64, generator=g, device=device).half()
         vv = torch.randn(1, 12, T, 64, generator=g, device=device).half()
-        idx, _ = bench_masks(1, 12, T, T, k, causal, device)
+        idx, _, _ = bench_masks(1, 12, T, T, k, causal, device)
         for st in settings:
             sa._CFG.update(default)
             sa._CFG.update(st)

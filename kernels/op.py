@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from .reference import check_attention_shapes, sparse_attention_bwd_ref, sparse_attention_ref, sparse_index_ref
+from .reference import (
+    check_attention_shapes,
+    expand_columns_ref,
+    select_columns_ref,
+    sparse_attention_bwd_ref,
+    sparse_attention_cols_ref,
+    sparse_attention_ref,
+    sparse_index_ref,
+)
 
-__all__ = ["sparse_attention", "sparse_index_op"]
+__all__ = ["select_columns_op", "sparse_attention", "sparse_attention_cols", "sparse_index_op"]
 
 
 @torch.library.custom_op("sea_edge::sparse_attention", mutates_args=())
@@ -103,3 +111,97 @@ def sparse_index_op(probs: torch.Tensor, key_valid: torch.Tensor | None, n_cols:
     one op, so that graph capture (torch.export, ONNX) sees the mask construction as a single node with a known
     output shape (B, H, T, min(head_cap, K) * span) instead of data-dependent sorts. No gradient (top-k)."""
     return _sparse_index_op(probs, key_valid, n_cols, head_cap, S, causal, n_keys or 0, span)
+
+
+@torch.library.custom_op("sea_edge::select_columns", mutates_args=())
+def _select_columns_op(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, causal: bool,
+                       n_keys: int) -> torch.Tensor:
+    return select_columns_ref(probs, n_cols, head_cap, S, causal, n_keys or None)
+
+
+@_select_columns_op.register_kernel("cuda")
+def _(probs, n_cols, head_cap, S, causal, n_keys):
+    from .mask import select_columns  # lazy: triton only where CUDA runs
+
+    return select_columns(probs, n_cols, head_cap, S, causal, n_keys or None)
+
+
+@_select_columns_op.register_fake
+def _(probs, n_cols, head_cap, S, causal, n_keys):
+    B, H, T, K = probs.shape
+    return probs.new_empty(B, H, T, torch.sym_min(head_cap, K), dtype=torch.int32)
+
+
+def select_columns_op(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, causal: bool,
+                      n_keys: int | None) -> torch.Tensor:
+    """`sea_edge::select_columns`: the grouped top-k alone (reference.select_columns_ref; Triton on CUDA).
+    Returns cols (B, H, T, min(head_cap, K)) int32. No gradient (top-k)."""
+    return _select_columns_op(probs, n_cols, head_cap, S, causal, n_keys or 0)
+
+
+@torch.library.custom_op("sea_edge::sparse_attention_cols", mutates_args=())
+def _sparse_attention_cols_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor,
+                              key_valid: torch.Tensor | None, K: int, causal: bool, scale: float) -> torch.Tensor:
+    return sparse_attention_cols_ref(q, k, v, cols, K, causal, scale, key_valid)
+
+
+@_sparse_attention_cols_op.register_kernel("cuda")
+def _(q, k, v, cols, key_valid, K, causal, scale):
+    from .triton_sparse_attention import sparse_attention_cols_triton
+
+    return sparse_attention_cols_triton(q, k, v, cols, K, causal, scale, key_valid)
+
+
+@_sparse_attention_cols_op.register_fake
+def _(q, k, v, cols, key_valid, K, causal, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("sea_edge::sparse_attention_cols_bwd", mutates_args=())
+def _sparse_attention_cols_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  cols: torch.Tensor, key_valid: torch.Tensor | None, K: int, causal: bool,
+                                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    idx = expand_columns_ref(cols, K, k.shape[2], causal, key_valid)
+    dq, dk, dv = sparse_attention_bwd_ref(grad, q, k, v, idx, scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_sparse_attention_cols_bwd_op.register_kernel("cuda")
+def _(grad, q, k, v, cols, key_valid, K, causal, scale):
+    from .triton_sparse_attention import sparse_attention_cols_triton_bwd
+
+    return sparse_attention_cols_triton_bwd(grad, q, k, v, cols, K, causal, scale, key_valid)
+
+
+@_sparse_attention_cols_bwd_op.register_fake
+def _(grad, q, k, v, cols, key_valid, K, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _cols_setup_context(ctx, inputs, output):
+    q, k, v, cols, key_valid, K, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, cols, key_valid)
+    ctx.K, ctx.causal, ctx.scale = K, causal, scale
+
+
+def _cols_backward(ctx, grad):
+    q, k, v, cols, key_valid = ctx.saved_tensors
+    dq, dk, dv = _sparse_attention_cols_bwd_op(grad.contiguous(), q, k, v, cols, key_valid, ctx.K, ctx.causal,
+                                               ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("sea_edge::sparse_attention_cols", _cols_backward, setup_context=_cols_setup_context)
+
+
+def sparse_attention_cols(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor,
+                          key_valid: torch.Tensor | None, K: int, causal: bool, scale: float) -> torch.Tensor:
+    """`sea_edge::sparse_attention_cols`: attention of each query row over the keys its kept compressed columns
+    cols (B, Hq, T, c) stand for (reference.column_spans; padding keys, key_valid (B, S) False, dropped). Equal to
+    `sparse_attention(q, k, v, expand_columns_ref(cols, K, S, causal, key_valid), scale)`; on CUDA the Triton
+    kernel plans its key blocks from cols directly, so the per-row key list idx is never built. Autograd as
+    sparse_attention."""
+    check_attention_shapes(q, k, v, cols)
+    if key_valid is not None:
+        key_valid = key_valid.to(torch.bool)
+    return _sparse_attention_cols_op(q, k, v, cols.to(torch.int32), key_valid, int(K), bool(causal), float(scale))

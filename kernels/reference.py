@@ -31,6 +31,7 @@ __all__ = [
     "sparse_index_ref",
     "sparse_attention_ref",
     "sparse_attention_bwd_ref",
+    "sparse_attention_cols_ref",
     "check_attention_shapes",
 ]
 
@@ -224,3 +225,9 @@ def sparse_attention_bwd_ref(grad, q, k, v, idx, scale: float, chunk: int = 256)
     dk = dkh.view(B, Hkv, group, S, D).sum(2)
     dv = dvh.view(B, Hkv, group, S, D).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def sparse_attention_cols_ref(q, k, v, cols, K: int, causal: bool, scale: float, key_valid=None):
+    """Sparse attention over the keys that kept compressed columns cols (B, Hq, T, c) stand for (SEA.md steps 5
+    and 6 together): sparse_attention_ref over expand_columns_ref(cols, K, S, causal, key_valid)."""
+    return sparse_attention_ref(q, k, v, expand_columns_ref(cols, K, k.shape[2], causal, key_valid), scale)

@@ -31,11 +31,14 @@ import triton.language as tl
 
 from .reference import check_attention_shapes
 
-__all__ = ["SparsePlan", "sparse_attention_plan", "sparse_attention_triton", "sparse_attention_triton_bwd"]
+__all__ = ["SparsePlan", "sparse_attention_cols_plan", "sparse_attention_cols_triton",
+           "sparse_attention_cols_triton_bwd", "sparse_attention_plan", "sparse_attention_triton",
+           "sparse_attention_triton_bwd"]
 
 BLOCK_N = 64  # keys per block: the per-(row, block) mask is one int64
 # Launch settings the bench's --sweep varies (None: the defaults below); not a public interface.
-_CFG = {"fwd_warps": None, "fwd_stages": 3, "plan_ch": None, "plan_warps": 4, "plan_flags": False}
+_CFG = {"fwd_warps": None, "fwd_stages": 3, "plan_ch": None, "plan_warps": 4, "plan_flags": False,
+        "cols_plan_warps": 1}
 
 
 @triton.jit
@@ -199,6 +202,126 @@ def _sparse_attention_plan(idx: torch.Tensor, S: int, block_m: int) -> SparsePla
         idx_ptr=idx, map_ptr=bitmap, pre_ptr=prefix, bits_ptr=bits, T=T, W=W, n_tiles=n_tiles,
         n_words=n_words, cap=cap, BITS=True, BM=block_m, BN=BLOCK_N, CH=ch, num_warps=_CFG["plan_warps"],
     )
+    return SparsePlan(blk, bits, cnt, block_m, cap)
+
+
+_BIG = tl.constexpr(1 << 62)  # "no more keys": past every key block
+
+
+@triton.jit
+def _span_at(row_ptr, p, c, L, K, live):
+    """[start, end) of each row's slot p (int64); BIG for both past the row's last kept column or where not live."""
+    j = tl.load(row_ptr + p, mask=live & (p < c), other=-1).to(tl.int64)
+    ok = live & (p < c) & (j >= 0)
+    start = tl.where(ok, j * L // K, _BIG)
+    end = tl.where(ok, (j + 1) * L // K, _BIG)
+    return start, end
+
+
+
+@triton.jit
+def _sparse_attention_cols_plan_kernel(
+    cols_ptr, kvb_ptr, blk_ptr, bits_ptr, cnt_ptr,
+    T, S, K, Hq, c, n_tiles, n_kblocks, cap,
+    CAUSAL: tl.constexpr, HAS_KV: tl.constexpr, EMIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    """One program per (tile of BM rows, b*Hq + h): the plan of the tile straight from the kept columns.
+
+    Each row's kept columns are ascending, so its key spans are ascending and disjoint (reference.column_spans):
+    the tile's union of key blocks is a merge of BM sorted span lists. Per row we keep the next key not yet
+    covered (pos) and the end of its current span; the next block is min(pos) // BN over the rows; inside a
+    block every row adds the bits of the spans that start there (a span shorter than BN: several per block) and
+    moves on to its next column once a span ends in the block. Work per block is a few BM-wide vector steps:
+    cols (B, H, T, c) is read once (c ints per row), idx (c * S / K ints per row) is never built.
+    EMIT = False only counts the blocks per tile (to size the plan exactly); EMIT = True writes blocks and masks.
+    """
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    r = tl.arange(0, BM)
+    rows = tile * BM + r
+    live = rows < T
+    if CAUSAL:
+        L = (S - T + rows + 1).to(tl.int64)  # keys the row's K columns span: [0, position]
+    else:
+        L = tl.zeros([BM], tl.int64) + S
+    row_ptr = cols_ptr + (bh.to(tl.int64) * T + rows) * c  # (BM,)
+    p = tl.zeros([BM], tl.int32)
+    pos, end = _span_at(row_ptr, p, c, L, K, live)  # (BM,) int64
+    base = (bh.to(tl.int64) * n_tiles + tile) * cap
+    n = tl.zeros([], tl.int32)
+    nb = tl.min(pos // BN, 0)
+    while nb < n_kblocks:
+        lo = nb * BN
+        hi = lo + BN
+        mask = tl.zeros([BM], tl.int64)
+        act = pos < hi
+        while tl.max(act.to(tl.int32), 0) > 0:
+            a = tl.maximum(pos, lo)
+            z = tl.minimum(end, hi)
+            ln = tl.maximum(z - a, 1)
+            # ln in [1, 64]: 2 << (ln - 1) wraps to 0 at ln = 64, so (2 << (ln - 1)) - 1 is then all ones
+            run = ((tl.full([BM], 2, tl.int64) << (ln - 1)) - 1) << (a - lo)
+            mask |= tl.where(act & (z > a), run, 0)
+            done = act & (end <= hi)  # the span ends in this block: the row moves on to its next column
+            p = tl.where(done, p + 1, p)
+            n_pos, n_end = _span_at(row_ptr, p, c, L, K, done)
+            pos = tl.where(done, n_pos, tl.where(act, hi, pos))
+            end = tl.where(done, n_end, end)
+            act = pos < hi
+        if HAS_KV:  # padding keys: one packed int64 of key_valid bits per (batch, key block)
+            mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
+        if tl.max((mask != 0).to(tl.int32), 0) > 0:
+            if EMIT:
+                tl.store(blk_ptr + base + n, nb.to(tl.int32))
+                tl.store(bits_ptr + (base + n) * BM + r, mask)
+            n += 1
+        nb = tl.min(pos // BN, 0)
+    tl.store(cnt_ptr + bh * n_tiles + tile, n)
+
+
+def _pack_key_valid(key_valid: torch.Tensor, n_kblocks: int) -> torch.Tensor:
+    """(B, S) bool -> (B, n_kblocks) int64, bit i of word j = key j * BLOCK_N + i is valid (bit 63 = sign bit)."""
+    B, S = key_valid.shape
+    kv = torch.nn.functional.pad(key_valid.to(torch.int64), (0, n_kblocks * BLOCK_N - S))
+    shifts = torch.arange(BLOCK_N, device=kv.device, dtype=torch.int64)
+    return (kv.view(B, n_kblocks, BLOCK_N) << shifts).sum(-1)  # distinct bits: the sum is the OR (wraps at bit 63)
+
+
+def sparse_attention_cols_plan(cols: torch.Tensor, K: int, S: int, causal: bool,
+                               key_valid: torch.Tensor | None = None, block_m: int = 64) -> SparsePlan:
+    """The block plan of the keys that kept compressed columns `cols` (B, H, T, c) stand for (spans of
+    reference.column_spans, padding keys dropped): the plan `sparse_attention_plan` builds from
+    `expand_columns_ref(cols, K, S, causal, key_valid)`, without ever writing idx. Two launches (count, then
+    fill at the exact size) and one host sync."""
+    if cols.dim() != 4:
+        raise ValueError(f"cols must be (B, H, T, c), got shape {tuple(cols.shape)}")
+    if block_m not in (16, 32, 64, 128):
+        raise ValueError(f"block_m must be 16, 32, 64 or 128, got {block_m}")
+    B, H, T, c = cols.shape
+    if causal and T > S:
+        raise ValueError(f"causal needs T <= S, got T={T}, S={S}")
+    if key_valid is not None and tuple(key_valid.shape) != (B, S):
+        raise ValueError(f"key_valid must be (B, S) = {(B, S)}, got {tuple(key_valid.shape)}")
+    n_tiles = triton.cdiv(T, block_m)
+    n_kblocks = triton.cdiv(S, BLOCK_N)
+    cnt = torch.zeros(B * H, n_tiles, device=cols.device, dtype=torch.int32)
+    if c == 0 or T == 0 or S == 0:
+        return SparsePlan(cnt.new_zeros(B * H, n_tiles, 1), cnt.new_zeros(B * H, n_tiles, 1, block_m,
+                          dtype=torch.int64), cnt, block_m, 1)
+    cols = cols.to(torch.int32).contiguous()
+    kvb = _pack_key_valid(key_valid, n_kblocks).contiguous() if key_valid is not None else cnt
+    grid = (n_tiles, B * H)
+    args = dict(cols_ptr=cols, kvb_ptr=kvb, cnt_ptr=cnt, T=T, S=S, K=K, Hq=H, c=c, n_tiles=n_tiles,
+                n_kblocks=n_kblocks, CAUSAL=bool(causal), HAS_KV=key_valid is not None, BM=block_m, BN=BLOCK_N,
+                # few warps: each block step is a chain of BM-wide reductions (latency, not throughput), cheapest
+                # within a warp; more programs then fit on a multiprocessor
+                num_warps=_CFG["cols_plan_warps"])
+    _sparse_attention_cols_plan_kernel[grid](blk_ptr=cnt, bits_ptr=cnt, cap=1, EMIT=False, **args)
+    cap = max(1, int(cnt.max()))  # the one host sync of a call
+    blk = torch.empty(B * H, n_tiles, cap, device=cols.device, dtype=torch.int32)
+    bits = torch.empty(B * H, n_tiles, cap, block_m, device=cols.device, dtype=torch.int64)
+    _sparse_attention_cols_plan_kernel[grid](blk_ptr=blk, bits_ptr=bits, cap=cap, EMIT=True, **args)
     return SparsePlan(blk, bits, cnt, block_m, cap)
 
 
@@ -388,5 +511,34 @@ def sparse_attention_triton_bwd(grad, q, k, v, idx, scale: float, plan: SparsePl
     q, k, v, idx = _prep(q, k, v, idx)
     if plan is None:
         plan = _sparse_attention_plan(idx, k.shape[2], block_m)
+    out, lse = _sparse_attention_fwd(q, k, v, plan, float(scale))
+    return _sparse_attention_bwd(grad.contiguous(), q, k, v, out, lse, plan, float(scale))
+
+
+def _cols_plan(q, k, cols, K, causal, key_valid, block_m):
+    if tuple(cols.shape[:3]) != tuple(q.shape[:3]):
+        raise ValueError(f"cols {tuple(cols.shape)} must start with q's (B, Hq, T) = {tuple(q.shape[:3])}")
+    return sparse_attention_cols_plan(cols, K, k.shape[2], causal, key_valid, block_m)
+
+
+def sparse_attention_cols_triton(q, k, v, cols, K: int, causal: bool, scale: float, key_valid=None,
+                                 plan: SparsePlan | None = None, block_m: int = 64, return_lse: bool = False):
+    """Sparse attention over the keys that kept compressed columns stand for: equal to
+    `sparse_attention_triton(q, k, v, expand_columns_ref(cols, K, S, causal, key_valid), scale)`, with the block plan
+    built from cols (B, Hq, T, c) directly (sparse_attention_cols_plan): the (B, Hq, T, c * S / K) idx is never
+    written or read. key_valid (B, S) bool or None."""
+    q, k, v, cols = _prep(q, k, v, cols)
+    if plan is None:
+        plan = _cols_plan(q, k, cols, K, causal, key_valid, block_m)
+    out, lse = _sparse_attention_fwd(q, k, v, plan, float(scale))
+    return (out, lse) if return_lse else out
+
+
+def sparse_attention_cols_triton_bwd(grad, q, k, v, cols, K: int, causal: bool, scale: float, key_valid=None,
+                                     plan: SparsePlan | None = None, block_m: int = 64):
+    """Gradients (dq, dk, dv) of sparse_attention_cols_triton (recomputes the forward's out and lse)."""
+    q, k, v, cols = _prep(q, k, v, cols)
+    if plan is None:
+        plan = _cols_plan(q, k, cols, K, causal, key_valid, block_m)
     out, lse = _sparse_attention_fwd(q, k, v, plan, float(scale))
     return _sparse_attention_bwd(grad.contiguous(), q, k, v, out, lse, plan, float(scale))

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from sea_edge.kernels import column_spans, sparse_attention, sparse_index_op
+from sea_edge.kernels import (
+    column_spans,
+    select_columns_op,
+    sparse_attention,
+    sparse_attention_cols,
+    sparse_index_op,
+)
 
 from .config import budget
 from .estimator import EstimatorOutput, SEAEstimator
@@ -49,6 +55,18 @@ def selectable_columns(T: int, S: int, K: int, causal: bool, device, key_valid=N
     return (count > 0).unsqueeze(1)
 
 
+def _cumsum_rows(x: torch.Tensor) -> torch.Tensor:
+    """Cumulative sum over dim 2 (T) of x (B, H, T, D).
+
+    CUDA: scanned with T as the innermost dim. torch's CUDA scan over an outer dim runs one sequential loop per
+    inner element, here B*H*D = 768 loops of length T: 24 ms per causal layer at T = 64k on an H200 (a quarter of
+    the whole layer, torch.profiler, 2026-12-01), against a memory-bound pass over a transposed copy. CPU and ONNX
+    export keep the plain form (same sums, and the exported graph stays as calibrated by the memory budget)."""
+    if x.is_cuda:
+        return x.transpose(2, 3).contiguous().cumsum(-1).transpose(2, 3)
+    return x.cumsum(2)
+
+
 def average_context(v, probs, key_valid, causal: bool, n_heads: int) -> torch.Tensor:
     """The "average" context of SEA.md step 7. Causal: running mean of v over each query's visible keys.
     Bidirectional: v weighted by the mean estimated attention of the head's queries, spread over each column's keys.
@@ -61,7 +79,7 @@ def average_context(v, probs, key_valid, causal: bool, n_heads: int) -> torch.Te
     valid = torch.ones(B, S, device=v.device) if key_valid is None else key_valid.float()
     vv = v.float() * valid[:, None, :, None]
     if causal:
-        num = vv[:, :, S - T :].cumsum(2) + vv[:, :, : S - T].sum(2, keepdim=True)  # (B, Hkv, T, D)
+        num = _cumsum_rows(vv[:, :, S - T :]) + vv[:, :, : S - T].sum(2, keepdim=True)  # (B, Hkv, T, D)
         cnt = valid[:, S - T :].cumsum(1) + valid[:, : S - T].sum(1, keepdim=True)  # (B, T)
         return (num / cnt.clamp(min=1)[:, None, :, None])[:, heads]
     # key s lies in the column j with floor(jS/K) <= s < floor((j+1)S/K), i.e. j = ceil((s+1)K/S) - 1
@@ -83,20 +101,34 @@ def mask_geometry(estimator: SEAEstimator, H: int, T: int, S: int, device, key_v
     return selectable_columns(T, S, K, causal, device, key_valid), *budget(estimator.cfg, H, S)
 
 
-def _sea(estimator: SEAEstimator, q, k, v, scale: float, key_valid, state, geometry=None):
-    """Steps 1-7 for one layer: (output (B, H, T, D) in q's dtype, estimate, idx, sparse context)."""
+def _sea(estimator: SEAEstimator, q, k, v, scale: float, key_valid, state, geometry=None, record=False):
+    """Steps 1-7 for one layer: (output (B, H, T, D) in q's dtype, estimate, idx (None unless `record` on CUDA),
+    sparse context)."""
     cfg = estimator.cfg
     B, H, T, D = q.shape
-    S, causal = k.shape[2], estimator.causal
+    S, causal, K = k.shape[2], estimator.causal, estimator.K
     if geometry is None:
         geometry = mask_geometry(estimator, H, T, S, q.device, key_valid)
     selectable, n_cols, head_cap, span = geometry
     est = estimator(q, k, v, selectable, key_valid, state)  # logits (B, H, T, K)
     probs = torch.softmax(est.logits, dim=-1)  # P_hat, SEA.md step 3
     # top-k is not differentiable (SEA.md, distillation); every row spends H*k keys: causal rows whose columns
-    # span fewer keys keep more columns. One op: the reference on CPU, Triton on CUDA, a single node when exported.
-    idx = sparse_index_op(probs.detach(), key_valid, n_cols, head_cap, S, causal, H * cfg.k, span)  # (B, H, T, w)
-    sparse = sparse_attention(q, k, v, idx, scale)  # (B, H, T, D)
+    # span fewer keys keep more columns.
+    if q.is_cuda:
+        # GPU: the mask stays compressed. The Triton kernel plans its key blocks from the kept columns (B, H, T, c)
+        # directly; the per-row key list idx (c * S / K ints per row, 6.4 GB at T = 64k, k = 2048) is never built.
+        cols = select_columns_op(probs.detach(), n_cols, head_cap, S, causal, H * cfg.k)  # (B, H, T, c)
+        sparse = sparse_attention_cols(q, k, v, cols, key_valid, K, causal, scale)  # (B, H, T, D)
+        idx = None
+        if record:  # distillation / quality read the kept keys (Triton; this branch runs on CUDA only)
+            from sea_edge.kernels import expand_columns
+
+            idx = expand_columns(cols, K, S, causal, key_valid, span)
+    else:
+        # CPU and ONNX export: one mask op (a single node when exported) -> idx, the interface of the exported
+        # sea_edge::SparseAttention node. Same keys as the GPU path (tests/test_kernels_cols.py).
+        idx = sparse_index_op(probs.detach(), key_valid, n_cols, head_cap, S, causal, H * cfg.k, span)  # (B, H, T, w)
+        sparse = sparse_attention(q, k, v, idx, scale)  # (B, H, T, D)
     if cfg.mix:
         avg = average_context(v, probs, key_valid, causal, H)
         out = est.mix * est.gain * sparse.float() + (1.0 - est.mix) * avg
@@ -115,7 +147,7 @@ def sea_attention(
     record: bool = False,
 ) -> tuple[torch.Tensor, SEAState | None]:
     """SEA attention output (B, H, T, D) in q's dtype, and the layer's state when `record`."""
-    out, est, idx, sparse = _sea(estimator, q, k, v, scale, key_valid, None)
+    out, est, idx, sparse = _sea(estimator, q, k, v, scale, key_valid, None, record=record)
     state = SEAState(est, idx, sparse, out, q, k, v, scale, key_valid) if record else None
     return out, state
 

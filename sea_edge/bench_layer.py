@@ -84,6 +84,69 @@ def bench_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, dty
     return row
 
 
+def profile_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, dtype=torch.float16,
+                  top: int = 25) -> str:
+    """Where one SEA layer's GPU time goes: torch.profiler over a few calls, ops sorted by self CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = SEAConfig(k=k).resolve(causal=causal, head_dim=D)
+    est = SEAEstimator(cfg, D, H, max_positions=max(T, 8192)).cuda()
+    g = torch.Generator(device="cuda").manual_seed(T + k)
+    q = torch.randn(1, H, T, D, device="cuda", dtype=dtype, generator=g)
+    kk = torch.randn(1, Hkv, T, D, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(1, Hkv, T, D, device="cuda", dtype=dtype, generator=g)
+    with torch.no_grad():
+        for _ in range(2):
+            sea_attention(est, q, kk, v, D**-0.5)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                sea_attention(est, q, kk, v, D**-0.5)
+            torch.cuda.synchronize()
+    head = f"H{H}/{Hkv} {'causal' if causal else 'bidir'} k={k} T={T} (3 calls)"
+    return head + "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60)
+
+
+def sweep_settings(out: Path) -> list[dict]:
+    """GPU: the layer (T = 64k, 12/12 heads, k = 64) under launch settings of the mask and plan kernels and cuDNN's
+    TF32 convolutions, plus the plan from columns alone at k = 2048; prints JSON lines, writes sweep.json."""
+    import importlib
+
+    from sea_edge.kernels.bench import bench_masks
+
+    mask = importlib.import_module("sea_edge.kernels.mask")
+    sa = importlib.import_module("sea_edge.kernels.triton_sparse_attention")
+    saved = dict(mask._CFG), dict(sa._CFG), torch.backends.cudnn.allow_tf32
+    settings = [{}, {"select_warps": 2}, {"select_warps": 4}, {"select_warps": 8}, {"cols_plan_warps": 1},
+                {"cols_plan_warps": 4}, {"tf32_conv": False}]
+    rows = []
+    for causal in (False, True):
+        for st in settings:
+            mask._CFG.update(saved[0])
+            sa._CFG.update(saved[1])
+            torch.backends.cudnn.allow_tf32 = st.get("tf32_conv", saved[2])
+            mask._CFG.update({k: v for k, v in st.items() if k in mask._CFG})
+            sa._CFG.update({k: v for k, v in st.items() if k in sa._CFG})
+            r = {"what": "layer", "T": 65536, "causal": causal, **st}
+            r["sea_ms"] = bench_layer(65536, 64, 12, 12, causal)["sea_ms"]
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    mask._CFG.update(saved[0])
+    torch.backends.cudnn.allow_tf32 = saved[2]
+    for causal in (False, True):
+        _, K, cols = bench_masks(1, 12, 65536, 65536, 2048, causal, "cuda")
+        for w in (1, 2, 4):
+            sa._CFG["cols_plan_warps"] = w
+            r = {"what": "cols_plan", "T": 65536, "k": 2048, "causal": causal, "cols_plan_warps": w,
+                 "ms": _time_ms(lambda: sa.sparse_attention_cols_plan(cols, K, 65536, causal), True)}  # noqa: B023
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    sa._CFG.update(saved[1])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", type=int, nargs="+", default=[4096, 16384, 65536])
@@ -92,6 +155,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-layer"))
     ap.add_argument("--quick", action="store_true", help="CPU smoke run at tiny shapes (fp32): checks the program, "
                                                          "times nothing worth reporting")
+    ap.add_argument("--profile", action="store_true", help="GPU: print where the layer's time goes (torch.profiler, "
+                                                           "top ops by CUDA time) for each configuration, write "
+                                                           "profile.txt, and time nothing else")
+    ap.add_argument("--sweep", action="store_true", help="GPU: time launch settings (sweep_settings) and exit")
     args = ap.parse_args(argv)
     dev, dtype = ("cpu", torch.float32) if args.quick else ("cuda", torch.float16)
     if args.quick:
@@ -101,6 +168,18 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     heads = [tuple(int(x) for x in p.split("/")) for p in args.heads.split(",")]
+    if args.sweep:
+        sweep_settings(args.out)
+        return 0
+    if args.profile:
+        if dev != "cuda":
+            raise SystemExit("--profile needs a CUDA GPU")
+        texts = [profile_layer(T, k, H, Hkv, causal) for H, Hkv in heads for causal in (False, True)
+                 for k in args.k for T in args.T]
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile.txt").write_text("\n\n".join(texts) + "\n")
+        print("\n\n".join(texts))
+        return 0
     rows = []
     for H, Hkv in heads:
         for causal in (False, True):

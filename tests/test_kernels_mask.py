@@ -33,6 +33,8 @@ CASES = [
     (1, 9, 5, 256, 1000, True, 100, 300, True),  # H*K = 9*256, head_cap > K
     (2, 4, 63, 8, 100, True, 5, 3, False),
     (1, 2, 7, 32, 7, True, 64, 64, False),  # budget larger than every selectable column
+    (1, 3, 9, 16, 40, False, 48, 2, True),  # budget larger than the heads' caps: each head keeps exactly its cap
+    (2, 4, 11, 16, 30, True, 64, 3, False),
 ]
 
 
