@@ -50,7 +50,7 @@ def _time_ms(fn, cuda: bool, warmup=3, rep=10) -> float:
 
 
 def bench_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, dtype=torch.float16,
-                dev: str = "cuda") -> dict:
+                dev: str = "cuda", autocast: bool = False) -> dict:
     """One row: SEA layer vs dense SDPA (flash backend on the GPU; the CPU smoke run takes what the CPU has)."""
     import contextlib
 
@@ -67,7 +67,10 @@ def bench_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, dty
 
     @torch.no_grad()
     def sea():
-        return sea_attention(est, q, kk, v, scale)[0]
+        # autocast: the estimator's matmuls and convolutions in bf16 (how the default estimator was distilled on
+        # the GPU); otherwise they run in fp32 (TF32 tensor cores)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+            return sea_attention(est, q, kk, v, scale)[0]
 
     @torch.no_grad()
     def flash():
@@ -75,7 +78,8 @@ def bench_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, dty
             return torch.nn.functional.scaled_dot_product_attention(q, kk, v, is_causal=causal, scale=scale,
                                                                     enable_gqa=H != Hkv)
 
-    row = {"T": T, "k": k, "H": H, "Hkv": Hkv, "causal": causal, "dtype": str(dtype).replace("torch.", "")}
+    row = {"T": T, "k": k, "H": H, "Hkv": Hkv, "causal": causal, "dtype": str(dtype).replace("torch.", ""),
+           "autocast": autocast}
     row["sea_ms"] = _time_ms(sea, cuda)
     row["sea_peak_mib"] = peak_mib(sea, cuda)
     row["flash_ms"] = _time_ms(flash, cuda)
@@ -159,6 +163,7 @@ def main(argv=None) -> int:
                                                            "top ops by CUDA time) for each configuration, write "
                                                            "profile.txt, and time nothing else")
     ap.add_argument("--sweep", action="store_true", help="GPU: time launch settings (sweep_settings) and exit")
+    ap.add_argument("--autocast", action="store_true", help="GPU: the estimator under bf16 autocast")
     args = ap.parse_args(argv)
     dev, dtype = ("cpu", torch.float32) if args.quick else ("cuda", torch.float16)
     if args.quick:
@@ -185,7 +190,8 @@ def main(argv=None) -> int:
         for causal in (False, True):
             for k in args.k:
                 for T in args.T:
-                    rows.append(bench_layer(T, k, H, Hkv, causal, dtype=dtype, dev=dev))
+                    rows.append(bench_layer(T, k, H, Hkv, causal, dtype=dtype, dev=dev,
+                                            autocast=args.autocast and dev == "cuda"))
                     r = rows[-1]
                     print(f"H{H}/{Hkv} {'causal' if causal else 'bidir '} k={k:<5} T={T:<6} SEA {r['sea_ms']:8.2f} ms "
                           f"{r['sea_peak_mib']:8.0f} MiB | flash {r['flash_ms']:8.2f} ms {r['flash_peak_mib']:8.0f} MiB"
