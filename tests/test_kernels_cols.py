@@ -32,10 +32,9 @@ from sea_edge.kernels.triton_sparse_attention import (
     sparse_attention_cols_triton_bwd,
     sparse_attention_plan,
 )
+from test_kernels_sparse_attention import DT, assert_grads_close, attention_gather, make_qkv
 
 from sea_edge.testing import assert_close_to_ref, assert_rel_err
-
-from test_kernels_sparse_attention import DT, attention_gather, make_qkv
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -198,15 +197,8 @@ def test_cols_forward_backward_gpu(case, dtype):
     if T * S > 4096 * 4096:
         return  # the fp64 autograd reference of the largest case would take minutes
     grad = torch.randn(B, Hq, T, D, generator=g, device=DEV).to(dt)
-    qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
-    got = torch.autograd.grad(sparse_attention_cols(qq, kk, vv, cols, kv, K, causal, scale), (qq, kk, vv), grad)
-    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
-    want = torch.autograd.grad(attention_gather(q64, k64, v64, idx, scale, torch.float64), (q64, k64, v64),
-                               grad.double())
-    ql, kl, vl = (x.detach().requires_grad_(True) for x in (q, k, v))
-    torch_lp = torch.autograd.grad(attention_gather(ql, kl, vl, idx, scale, dt), (ql, kl, vl), grad)
-    for name, a, t_, w_ in zip(("dq", "dk", "dv"), got, torch_lp, want):
-        assert_close_to_ref(a, t_, w_, what=name)
+    assert_grads_close(lambda q_, k_, v_: sparse_attention_cols(q_, k_, v_, cols, kv, K, causal, scale), q, k, v, idx,
+                       scale, grad)
 
 
 @gpu
