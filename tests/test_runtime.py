@@ -176,8 +176,17 @@ def test_bad_folders_and_devices(exported_default, tmp_path):
     folder = _copy(exported_default.out, tmp_path / "copy")
     with pytest.raises(SeaEdgeError, match="unknown device 'tpu'"):
         SeaSession(folder, device="tpu")
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    if "CUDAExecutionProvider" not in ort.get_available_providers():  # the whole graph on CUDA needs onnxruntime-gpu
         with pytest.raises(SeaEdgeError, match="needs onnxruntime-gpu"):
+            SeaSession(folder, device="cuda", split=False)
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    except ImportError:
+        gpu = False
+    if not gpu:  # the split graph on CUDA (Triton) needs a GPU that torch sees
+        with pytest.raises(SeaEdgeError, match="device 'cuda'.* needs"):
             SeaSession(folder, device="cuda")
     (folder / "tokenizer_config.json").unlink()
     with pytest.raises(SeaEdgeError, match="tokenizer_config.json listed in the manifest is missing"):
@@ -256,6 +265,12 @@ def test_dense_export_runs_in_the_same_session(tmp_path, smollm2):
     assert s.generate(PROMPT, max_new_tokens=16, stop_at_eos=False).tokens == ref
     both = s.generate(["The king said", PROMPT], max_new_tokens=16, stop_at_eos=False)
     assert both.tokens[1] == ref
+    # the CUDA path's executor on the CPU: a graph with nothing to split is one step, its empty cache (past length 0)
+    # bound through IO binding
+    for attention in ("numpy", "torch"):
+        split = SeaSession(out, split=True, attention=attention, verify=False, cache_dir=str(tmp_path / "segments"))
+        assert split._prefill.n_segments == 1
+        assert split.generate(PROMPT, max_new_tokens=16, stop_at_eos=False).tokens == ref
 
 
 def test_bench_table_and_plot(tmp_path):
@@ -274,3 +289,4 @@ def test_bench_table_and_plot(tmp_path):
     assert "dense: killed by signal 9" in out and "SEA/dense 0.83" in out
     pytest.importorskip("matplotlib")
     assert plot(res, tmp_path / "b.png") and (tmp_path / "b.png").stat().st_size > 0
+
