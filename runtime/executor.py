@@ -120,8 +120,9 @@ class TorchBackend:
                 self.device = torch.device("cuda", torch.cuda.current_device())
         self.ort_device = ("cuda", self.device.index) if self.cuda else ("cpu", 0)
         if attention == "triton":
-            if not self.cuda:
-                raise SeaEdgeError("attention 'triton' needs a CUDA device")
+            if not self.cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise SeaEdgeError("attention 'triton' needs a CUDA device (or TRITON_INTERPRET=1: the kernels "
+                                   "interpreted on the CPU, for tests)")
             try:
                 from sea_edge.kernels.triton_sparse_attention import sparse_attention_triton as fn
             except ImportError as exc:
@@ -457,8 +458,11 @@ def open_session(ort, model: Path | bytes, folder: Path, so, backend, cuda: bool
             backend.run_options = ro
         options = backend.provider_options() if hasattr(backend, "provider_options") else {}
         providers = [("CUDAExecutionProvider", options or {"device_id": str(device_id)}), "CPUExecutionProvider"]
+    from .ort_workarounds import disabled_optimizers
+
     data = model if isinstance(model, bytes) else str(model)
-    sess = ort.InferenceSession(data, so, providers=providers)
+    off = disabled_optimizers(ort)
+    sess = ort.InferenceSession(data, so, providers=providers, **({"disabled_optimizers": off} if off else {}))
     if cuda and sess.get_providers()[0] != "CUDAExecutionProvider":
         # onnxruntime falls back to the CPU quietly when its CUDA provider library cannot load (CUDA/cuDNN libraries
         # of another major version than it was built for): every step would then cross the host

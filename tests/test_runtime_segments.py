@@ -342,3 +342,25 @@ def test_split_session_arguments(exported_default, tmp_path):
                           ({"split": False, "attention": "numpy"}, "applies to split graphs only")):
         with pytest.raises(SeaEdgeError, match=match):
             SeaSession(exported_default.out, **kwargs)
+
+
+def test_split_with_the_triton_kernel_interpreted(exported_default, split, whole, reference):
+    """The GPU path's attention, sparse_attention_triton, inside the split graph on the CPU (TRITON_INTERPRET=1,
+    as CI runs): the idx rows the exported graph builds are what the kernel expects (ascending, -1 at the end), and
+    the logits equal the whole graph's. One short prefill: the interpreter is slow."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (the Triton kernels interpreted on the CPU)")
+    pytest.importorskip("triton")
+    if split.backend.name != "torch":
+        pytest.skip("once, beside the torch backend")
+    from sea_edge.runtime import SeaSession
+
+    s = SeaSession(exported_default.out, split=True, attention="triton", verify=False,
+                   cache_dir=split.config.cache_dir)
+    ids = reference["ids"][:1, :20]
+    ref = whole.prefill_logits(ids)
+    got = s.prefill_logits(ids)
+    np.testing.assert_allclose(got, ref, atol=2e-3, rtol=0)
+    assert (got.argmax(-1) == ref.argmax(-1)).all() and s.backend.stats["sparse_attention_calls"] == 30
