@@ -179,7 +179,11 @@ def _validate(folder: Path, teacher, tok, min_agreement: float) -> dict:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    sess = ort.InferenceSession(str(folder / PREFILL), so, providers=["CPUExecutionProvider"])
+    from sea_edge.runtime.ort_workarounds import disabled_optimizers  # as the runtime opens it
+
+    off = disabled_optimizers(ort)
+    sess = ort.InferenceSession(str(folder / PREFILL), so, providers=["CPUExecutionProvider"],
+                                **({"disabled_optimizers": off} if off else {}))
     past_names = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
     present_names = ["present." + n[len("past_key_values."):] for n in past_names]
     x = ids.numpy()

@@ -28,7 +28,11 @@ def ort_session(path: Path, optimize: bool = False, session_config: dict | None 
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    from sea_edge.runtime.ort_workarounds import disabled_optimizers  # as the runtime opens it (NaN otherwise)
+
+    off = disabled_optimizers(ort)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                **({"disabled_optimizers": off} if off else {}))
 
 
 def compare_logits(ours: np.ndarray, ref: np.ndarray) -> dict:

@@ -4,6 +4,9 @@ tokenizers (no torch, transformers or sea_edge.export: an edge device has none o
     from sea_edge.runtime import SeaSession
     s = SeaSession("smollm2-sea")
     print(s.generate("Once upon a time", max_new_tokens=32).text)
+
+device="cuda" splits the graphs at their SparseAttention nodes (segments.py, executor.py): onnxruntime-gpu runs the
+segments, the Triton kernel the nodes; torch and triton are imported then, and only then.
 """
 
 import importlib

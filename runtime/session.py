@@ -1,6 +1,11 @@
 """SeaSession: run a folder written by `sea-edge export` (SEA) or by sea_edge.export.dense (the dense baseline)
 with onnxruntime, as a device would: NumPy, onnxruntime and tokenizers only, no torch.
 
+On a GPU, SeaSession(folder, device="cuda") splits each graph at its SparseAttention nodes (segments.py): onnxruntime
+runs the segments on its CUDA provider, the Triton kernel runs the nodes, and the values between them, the KV cache
+and SEA's state included, stay torch tensors on the GPU (executor.py); only what the caller reads (the last logits
+row of a generation step) comes back to the host. torch and triton are imported for that path only.
+
     s = SeaSession("smollm2-sea")                   # manifest read, every file's sha256 checked, graphs opened
     s.generate("Once upon a time", max_new_tokens=32, stream=print).text
     s.generate(["Hi", "A longer prompt"])           # a batch: left padding
@@ -24,6 +29,7 @@ tokens mostly still agree). See tests/test_runtime.py::test_batch_matches_each_p
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,13 +40,14 @@ import numpy as np
 from sea_edge.errors import SeaEdgeError
 
 from .manifest import LOGITS_TO_KEEP, read_folder
-from .perplexity import PerplexityResult, peak_rss_mib, token_windows, window_nll_sum
+from .perplexity import PerplexityResult, peak_rss_mib, token_windows
 from .sampling import SamplingConfig, next_tokens
 
 __all__ = ["DEVICES", "OPTIMIZATION_LEVELS", "GenerationResult", "RuntimeConfig", "SeaSession"]
 
 DEVICES = ("cpu", "cuda")
 OPTIMIZATION_LEVELS = ("off", "basic", "extended", "all")
+ATTENTION_IMPLS = ("auto", "triton", "torch", "numpy")
 PAST, PRESENT = "past_key_values.", "present."
 
 
@@ -60,6 +67,18 @@ class RuntimeConfig:
     """onnxruntime's memory-pattern planning. Off: once a shape has run, it plans one block for the whole run on
     top of the arena (with the other settings of _session, a SEA prefill at T = 1024 run twice peaked at 1790 MiB
     with it, 1529 MiB without, at the same speed), and generation never repeats a shape anyway."""
+    split: bool | None = None
+    """Run each graph as onnxruntime segments cut at its SparseAttention nodes (sea_edge.runtime.segments), the
+    nodes computed by `attention`. None: split on CUDA (the nodes run the Triton kernel, the data stays on the GPU),
+    whole on CPU (onnxruntime runs the op's function body, the fastest CPU path)."""
+    attention: str = "auto"
+    """SparseAttention in a split graph: "triton" (CUDA), "torch" (sea_edge.kernels' plain-torch reference, CPU or
+    CUDA: isolates the kernel from the plumbing), "numpy" (runtime/sparse_attention.py, CPU, no torch needed);
+    "auto" = triton on CUDA, numpy on CPU."""
+    cache_dir: str | None = None
+    """Where the segments of split graphs are cached (None: sea_edge.runtime.segments.default_cache_dir())."""
+    profile: bool = False
+    """onnxruntime's profiler on in every session (JSON traces written on end_profiling)."""
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -69,6 +88,24 @@ class RuntimeConfig:
         if self.optimization not in OPTIMIZATION_LEVELS:
             raise SeaEdgeError(f"unknown optimization {self.optimization!r}: use one of "
                                f"{', '.join(OPTIMIZATION_LEVELS)}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise SeaEdgeError(f"unknown attention {self.attention!r}: use one of {', '.join(ATTENTION_IMPLS)}")
+        if self.attention == "numpy" and self.device == "cuda":
+            raise SeaEdgeError("attention 'numpy' runs on the CPU only: use triton or torch on cuda")
+        if self.attention == "triton" and self.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SeaEdgeError("attention 'triton' needs device 'cuda' (or TRITON_INTERPRET=1, for tests)")
+        if self.split is False and self.attention != "auto":
+            raise SeaEdgeError(f"attention {self.attention!r} applies to split graphs only (split is False)")
+
+    @property
+    def split_graphs(self) -> bool:
+        return self.device == "cuda" if self.split is None else self.split
+
+    @property
+    def attention_impl(self) -> str:
+        if self.attention != "auto":
+            return self.attention
+        return "triton" if self.device == "cuda" else "numpy"
 
 
 @dataclass
@@ -90,22 +127,28 @@ class SeaSession:
     """An exported folder opened for inference; see the module docstring."""
 
     def __init__(self, folder: str | Path, device: str = "cpu", threads: int | None = None, verify: bool = True,
-                 optimization: str = "all", memory_pattern: bool = False):
-        self.config = RuntimeConfig(device, threads, verify, optimization, memory_pattern)
+                 optimization: str = "all", memory_pattern: bool = False, split: bool | None = None,
+                 attention: str = "auto", cache_dir: str | None = None, profile: bool = False):
+        self.config = RuntimeConfig(device, threads, verify, optimization, memory_pattern, split, attention,
+                                    cache_dir, profile)
         import onnxruntime as ort
 
         self._ort = ort
-        if self.config.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        cfg = self.config
+        cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
+        if cfg.device == "cuda" and not cfg.split_graphs and not cuda_ep:
             raise SeaEdgeError("device 'cuda' needs onnxruntime-gpu (this onnxruntime has no CUDAExecutionProvider: "
                                f"{', '.join(ort.get_available_providers())})")
         self.folder = Path(folder)
-        self.manifest = read_folder(self.folder, self.config.verify)
+        self.manifest = read_folder(self.folder, cfg.verify)
         self.attention: str = self.manifest.get("attention", "sea")
         self.max_positions = int(self.manifest["source_model"].get("max_positions") or 0)
         graphs = self.manifest["graphs"]
         self._files = {role: graphs[role]["file"] for role in ("prefill", "decode")}
-        self._sessions: dict = {}
-        self._prefill = self._session(self._files["prefill"])
+        self.backend = self._make_backend(cuda_ep)
+        self.cuda_arena = ""  # how onnxruntime's CUDA memory is pooled (set when a CUDA session opens)
+        self._graphs: dict = {}
+        self._prefill = self._graph(self._files["prefill"])
         self.tokenizer = self._load_tokenizer()
         self.eos_ids, self.pad_id = self._special_ids()
         # state names in the decode graph's order; prefill and decode both output present.<name> for each
@@ -113,10 +156,61 @@ class SeaSession:
         self.present_names = [PRESENT + n[len(PAST):] for n in self.past_names]
 
     # -- opening -----------------------------------------------------------------------------------------------------
-    def _session(self, file: str):
-        """The onnxruntime session of `file` (graphs sharing a file share the session)."""
-        if file in self._sessions:
-            return self._sessions[file]
+    def _make_backend(self, cuda_ep: bool):
+        """What carries values between a split graph's steps and computes its SparseAttention nodes."""
+        from .executor import NumpyBackend
+
+        cfg = self.config
+        self.ort_cuda = cfg.device == "cuda" and cuda_ep  # onnxruntime runs on the GPU
+        if not cfg.split_graphs or cfg.attention_impl == "numpy":
+            return NumpyBackend()
+        try:
+            from .executor import TorchBackend
+
+            backend = TorchBackend(cfg.device, cfg.attention_impl)
+        except ImportError as exc:
+            raise SeaEdgeError(f"device {cfg.device!r} with attention {cfg.attention_impl!r} needs torch"
+                               f"{' with CUDA and triton' if cfg.device == 'cuda' else ''} ({exc})") from None
+        if cfg.device == "cuda" and not cuda_ep:
+            import warnings
+
+            warnings.warn("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu): the segments run on "
+                          "its CPU provider and every SparseAttention input and output crosses the host", stacklevel=3)
+            backend.ort_cuda = False
+        return backend
+
+    def _graph(self, file: str):
+        """The graph of `file`, opened once (graphs sharing a file share it): one onnxruntime session, or a split
+        graph (one session per segment, the backend between them)."""
+        if file in self._graphs:
+            return self._graphs[file]
+        if self.config.split_graphs:
+            import dataclasses
+
+            from .executor import SegmentedGraph
+            from .segments import Step, load_plan
+
+            try:
+                plan = load_plan(self.folder, file, self.config.cache_dir)
+            except OSError as exc:
+                raise SeaEdgeError(f"cannot split {self.folder / file}: {exc}") from exc
+            if any(s.kind == "op" for s in plan.steps):
+                def open_step(step):
+                    return self._session(plan.segment_bytes(step), f"{file}:{step.name}")
+            else:  # nothing to split (the dense baseline): the file itself, run through the same backend
+                plan = dataclasses.replace(plan, steps=[Step("ort", file, list(plan.inputs), list(plan.outputs))])
+
+                def open_step(step):
+                    return self._session(self.folder / file, file)
+            graph = SegmentedGraph(plan, self.backend, open_step)
+        else:
+            from .executor import WholeGraph
+
+            graph = WholeGraph(self._session(self.folder / file, file))
+        self._graphs[file] = graph
+        return graph
+
+    def _session_options(self):
         ort = self._ort
         so = ort.SessionOptions()
         so.graph_optimization_level = {
@@ -134,20 +228,42 @@ class SeaSession:
             so.add_session_config_entry(key, value)  # e.g. fp32 activations in fused MatMulNBits (see export)
         if self.config.threads is not None:
             so.intra_op_num_threads = self.config.threads
-        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.config.device == "cuda"
-                     else ["CPUExecutionProvider"])
+        if self.config.split_graphs:
+            # 31 sessions run one after the other, each with its own thread pool: pools that spin-wait after their
+            # run burn the cores the next one needs (measured, split decode step on 2 busy cores: 2.33 s spinning,
+            # 0.41 s not; the whole graph 0.53 s)
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if self.config.profile:
+            so.enable_profiling = True
+        return so
+
+    def _session(self, model: Path | bytes, what: str):
+        """An onnxruntime session of a graph file, or of a segment's bytes (its external data in the folder)."""
+        from .executor import open_session
+
+        so = self._session_options()
+        if self.config.profile:
+            so.profile_file_prefix = "sea_edge_" + "".join(c if c.isalnum() else "_" for c in what)
         try:
-            sess = ort.InferenceSession(str(self.folder / file), so, providers=providers)
+            sess, self.cuda_arena = open_session(self._ort, model, self.folder, so, self.backend, self.ort_cuda)
+            return sess
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types, with long messages
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SeaEdgeError(f"onnxruntime cannot open {self.folder / file}: {first}") from exc
-        self._sessions[file] = sess
-        return sess
+            raise SeaEdgeError(f"onnxruntime cannot open {self.folder / what}: {first}") from exc
 
     @property
     def _decode(self):
         """The decode graph, opened on first use: perplexity and prefill-only work never pay for its memory."""
-        return self._session(self._files["decode"])
+        return self._graph(self._files["decode"])
+
+    @property
+    def sessions(self) -> list:
+        """Every onnxruntime session opened so far (one per graph, or one per segment of a split graph)."""
+        out = []
+        for g in self._graphs.values():
+            out += list(g.sessions.values()) if isinstance(g.sessions, dict) else list(g.sessions)
+        return out
 
     def _load_tokenizer(self):
         from tokenizers import Tokenizer
@@ -184,11 +300,11 @@ class SeaSession:
         return eos, pad if pad is not None else (eos[0] if eos else 0)
 
     # -- running the graphs ------------------------------------------------------------------------------------------
-    def _feeds(self, sess, ids, mask, pos, state: dict | None, keep_last: bool = False) -> dict:
-        names = {i.name for i in sess.get_inputs()}
+    def _feeds(self, graph, ids, mask, pos, state: dict | None, keep_last: bool = False) -> dict:
+        names = set(graph.input_names)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
         feeds = {k: v for k, v in feeds.items() if k in names}  # some optimum graphs take no position_ids
-        if keep_last and LOGITS_TO_KEEP in {i.name for i in sess.get_overridable_initializers()}:
+        if keep_last and LOGITS_TO_KEEP in graph.overridable:
             feeds[LOGITS_TO_KEEP] = np.ones(1, np.int64)  # the last position's logits only
         if state is None and any(n in names for n in self.past_names):
             state = self._empty_state(ids.shape[0])  # one graph for prefill and decode: an empty cache
@@ -197,9 +313,8 @@ class SeaSession:
         return feeds
 
     def _empty_state(self, B: int) -> dict:
-        shapes, dtypes = self.manifest["graphs"]["state_shapes"], {}
-        for i in self._prefill.get_inputs():
-            dtypes[i.name] = np.float16 if i.type == "tensor(float16)" else np.float32
+        shapes = self.manifest["graphs"]["state_shapes"]
+        dtypes = {n: np.float16 if t == "tensor(float16)" else np.float32 for n, t in self._prefill.input_types.items()}
         out = {}
         for n in self.past_names:
             kind = n.rsplit(".", 1)[1]
@@ -207,19 +322,30 @@ class SeaSession:
             out[n] = np.zeros(shape, dtypes.get(n, np.float32))
         return out
 
-    def _run(self, sess, ids, mask, pos, state, logits_only: bool = False, keep_last: bool = False):
+    def _run(self, graph, ids, mask, pos, state, logits_only: bool = False, keep_last: bool = False,
+             host_logits: bool = True):
         """logits (B, T, V), or (B, 1, V) with keep_last where the graph has the LOGITS_TO_KEEP input (else all T),
-        and the present state."""
+        and the present state. Logits come back as numpy unless `host_logits` is False (then as the backend's
+        tensor: on the GPU for a CUDA session); the state is always the backend's (it stays on the device)."""
         outs = ["logits"] if logits_only else ["logits", *self.present_names]
-        res = sess.run(outs, self._feeds(sess, ids, mask, pos, state, keep_last))
-        return res[0], dict(zip(self.past_names, res[1:]))
+        res = graph.run(outs, self._feeds(graph, ids, mask, pos, state, keep_last))
+        logits = graph.backend.to_numpy(res[0]) if host_logits else res[0]
+        return logits, dict(zip(self.past_names, res[1:]))
 
     def prefill_logits(self, ids: np.ndarray) -> np.ndarray:
         """Logits (B, T, V) of unpadded token windows ids (B, T) in one prefill."""
+        return self._prefill_logits(ids, host=True)
+
+    def _prefill_logits(self, ids: np.ndarray, host: bool):
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         B, T = ids.shape
         pos = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
-        return self._run(self._prefill, ids, np.ones((B, T), np.int64), pos, None, logits_only=True)[0]
+        return self._run(self._prefill, ids, np.ones((B, T), np.int64), pos, None, logits_only=True,
+                         host_logits=host)[0]
+
+    def synchronize(self) -> None:
+        """Wait for the device (a CUDA session's stream); a no-op on CPU."""
+        self.backend.synchronize()
 
     # -- generation --------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -263,7 +389,7 @@ class SeaSession:
         start = time.perf_counter()
         for b in range(0, len(windows), batch_size):
             batch = windows[b:b + batch_size]
-            nll_sum += window_nll_sum(self.prefill_logits(batch), batch)
+            nll_sum += self.backend.window_nll_sum(self._prefill_logits(batch, host=False), batch)
         seconds = time.perf_counter() - start
         n = len(windows)
         tokens = n * (seq_len - 1)
@@ -328,9 +454,10 @@ class _Run:
         pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
         decode = s._decode if self.max_new_tokens > 1 else None  # opened (once) before the clock starts
         t = time.perf_counter()
-        logits, state = s._run(s._prefill, ids, mask, pos, None, keep_last=True)
+        logits, state = s._run(s._prefill, ids, mask, pos, None, keep_last=True, host_logits=False)
+        logits = s.backend.to_numpy(logits[:, -1])  # (B, V): only the last row leaves the device
         self.timing["prefill"] = time.perf_counter() - t
-        logits, pos = logits[:, -1], pos[:, -1:]  # (B, V), (B, 1)
+        pos = pos[:, -1:]  # (B, 1)
         rng = np.random.default_rng(self.sampling.seed)
         done = np.zeros(B, bool)
         eos = set(s.eos_ids) if self.stop_at_eos else set()
@@ -348,10 +475,10 @@ class _Run:
             mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)  # (B, S + 1)
             pos = pos + 1
             t = time.perf_counter()
-            logits, state = s._run(decode, tok[:, None], mask, pos, state)
+            logits, state = s._run(decode, tok[:, None], mask, pos, state, host_logits=False)
+            logits = s.backend.to_numpy(logits[:, -1])  # the state stays where the backend keeps it
             self.timing["decode"] += time.perf_counter() - t
             self.timing["steps"] += 1
-            logits = logits[:, -1]
 
     def result(self) -> GenerationResult:
         s = self.session

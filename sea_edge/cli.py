@@ -160,7 +160,8 @@ def run_(
     top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens.")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
-    device: Annotated[Device, typer.Option(help="cpu, or cuda (onnxruntime-gpu).")] = Device.cpu,
+    device: Annotated[Device, typer.Option(help="cpu, or cuda (onnxruntime-gpu segments, Triton attention).")] = (
+        Device.cpu),
 ) -> None:
     """Generate text from an exported model with the onnxruntime runtime, streaming tokens as they come."""
     from sea_edge.runtime import SeaSession

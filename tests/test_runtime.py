@@ -176,8 +176,17 @@ def test_bad_folders_and_devices(exported_default, tmp_path):
     folder = _copy(exported_default.out, tmp_path / "copy")
     with pytest.raises(SeaEdgeError, match="unknown device 'tpu'"):
         SeaSession(folder, device="tpu")
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    if "CUDAExecutionProvider" not in ort.get_available_providers():  # the whole graph on CUDA needs onnxruntime-gpu
         with pytest.raises(SeaEdgeError, match="needs onnxruntime-gpu"):
+            SeaSession(folder, device="cuda", split=False)
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    except ImportError:
+        gpu = False
+    if not gpu:  # the split graph on CUDA (Triton) needs a GPU that torch sees
+        with pytest.raises(SeaEdgeError, match="device 'cuda'.* needs"):
             SeaSession(folder, device="cuda")
     (folder / "tokenizer_config.json").unlink()
     with pytest.raises(SeaEdgeError, match="tokenizer_config.json listed in the manifest is missing"):
@@ -256,6 +265,12 @@ def test_dense_export_runs_in_the_same_session(tmp_path, smollm2):
     assert s.generate(PROMPT, max_new_tokens=16, stop_at_eos=False).tokens == ref
     both = s.generate(["The king said", PROMPT], max_new_tokens=16, stop_at_eos=False)
     assert both.tokens[1] == ref
+    # the CUDA path's executor on the CPU: a graph with nothing to split is one step, its empty cache (past length 0)
+    # bound through IO binding
+    for attention in ("numpy", "torch"):
+        split = SeaSession(out, split=True, attention=attention, verify=False, cache_dir=str(tmp_path / "segments"))
+        assert split._prefill.n_segments == 1
+        assert split.generate(PROMPT, max_new_tokens=16, stop_at_eos=False).tokens == ref
 
 
 def test_bench_table_and_plot(tmp_path):
@@ -274,3 +289,49 @@ def test_bench_table_and_plot(tmp_path):
     assert "dense: killed by signal 9" in out and "SEA/dense 0.83" in out
     pytest.importorskip("matplotlib")
     assert plot(res, tmp_path / "b.png") and (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_bench_gpu_report(tmp_path):
+    """The GPU benchmark's report on made-up numbers: table (an out-of-memory dense point recorded, not a crash),
+    plot, the copy summary of a profiler trace, and a child that fails."""
+    from sea_edge.runtime.bench_gpu import is_oom, memcpy_summary, plot, run_child, table
+
+    assert is_oom("CUDA failure 2: out of memory ; GPU=0") and is_oom("BFCArena::AllocateRawInternal Failed to "
+                                                                      "allocate memory for requested buffer")
+    assert not is_oom("shape mismatch")
+    res = {"versions": {"gpu": "test GPU"},
+           "prefill": {4096: {"sea": {"status": "ok", "prefill_s": 0.5, "peak_mib": 3000.0, "after_load_mib": 1500.0},
+                              "dense": {"status": "ok", "prefill_s": 0.4, "peak_mib": 6000.0,
+                                        "after_load_mib": 1200.0}},
+                       32768: {"sea": {"status": "ok", "prefill_s": 2.0, "peak_mib": 20000.0},
+                               "dense": {"status": "oom", "oom": True, "error": "CUDA failure 2: out of memory"}}},
+           "agreement": {"windows": 4, "T": 1024, "triton": {
+               "top1_agreement": 0.999, "positions": 4096, "max_abs_logit_diff": 1e-3, "greedy_tokens_equal": 96,
+               "greedy_tokens": 96, "ppl_cpu": 30.0, "ppl_gpu": 30.001}},
+           "nocopy": {"T": 1024, "one_layer_q_bytes": 2359296, "ort_node_placement": {"CUDAExecutionProvider": 9},
+                      "prefill": {"copies": {"Memcpy HtoD": {"count": 3, "bytes": 24576, "max_bytes": 8192}},
+                                  "kernel_streams": {"triton": [7], "other": [7]},
+                                  "backend_stats": {"handoffs": 200, "handoffs_copied": 0}},
+                      "decode_step": {"copies": {}, "kernel_streams": {"triton": [7], "other": [7]},
+                                      "backend_stats": {"handoffs": 150}}}}
+    out = table(res)
+    assert "  4096 |         0.500     0.400      1.25 |         3000       6000      0.50 |" in out
+    assert " 32768 |         2.000       OOM         — |" in out and "dense: oom: CUDA failure 2" in out
+    assert "top-1 99.90% of 4096 positions" in out and "Memcpy HtoD: 3 (24576 B, max 8192 B)" in out
+    trace = {"traceEvents": [
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pageable)", "args": {"bytes": 4}},
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pageable)", "args": {"bytes": 196608}},
+        {"cat": "kernel", "name": "_sparse_attention_fwd_kernel", "args": {"stream": 13}},
+        {"cat": "kernel", "name": "MatMul", "args": {"stream": 13}}]}
+    s = memcpy_summary(trace)
+    assert s["copies"] == {"Memcpy DtoH": {"count": 2, "bytes": 196612, "max_bytes": 196608}}
+    assert s["kernel_streams"] == {"triton": [13], "other": [13]}
+    pytest.importorskip("matplotlib")
+    assert plot(res, tmp_path / "b.png") and (tmp_path / "b.png").stat().st_size > 0
+    r = run_child(["--child", "prefill", "--dir", str(tmp_path / "nowhere"), "--length", "8"], timeout_s=120)
+    assert r["status"] == "error" and r["error"], r  # "... does not exist" on a GPU machine
+    pytest.importorskip("torch")
+    from sea_edge.runtime.bench_gpu import smoke_test
+
+    smoke = smoke_test(tmp_path / "smoke", attention="torch", device="cpu")  # the preflight's graph, on the CPU
+    assert smoke["ok"] and smoke["steps"] == 5 and smoke["stats"].get("handoffs_copied", 0) == 0, smoke
