@@ -167,6 +167,11 @@ model, int8, 2 cores: decode 7.6 tok/s at level 1 vs 29.0 at level 4 (fp32 expor
 over fp32 (4 validation windows of 512 tokens)."""
 
 
+INT4_COMPUTES = ("com.microsoft.MatMulNBits (4-bit codes, (code - zero) * scale with an fp16 scale and zero point per "
+                 "block of {block}, cast to fp32 at load), {acts} activations at accuracy level {level}")
+"""The manifest's `computes` for int4 (format with block, level, acts)."""
+
+
 def session_config(accuracy_level: int = 1) -> dict:
     """The manifest's quantization.session_config for a weight-only scheme at this MatMulNBits accuracy level."""
     if accuracy_level not in ACCURACY_LEVELS:
@@ -206,7 +211,7 @@ def _quantize(model, prefill, decode, scheme: str) -> dict:
     if embed is not None:
         table = model.get_input_embeddings().weight
         with torch.no_grad():
-            codes, scales = quantize_weight(table, "int8", embed.block_size, embed.name)
+            codes, scales, _ = quantize_weight(table, "int8", embed.block_size, embed.name)
             table.copy_(dequantize_weight(codes, scales, "int8", embed.block_size, tuple(table.shape)))
         reports.append(embed)
     attach_functions(prefill)  # the default opset may have been raised (blocked DequantizeLinear needs 21)
@@ -219,8 +224,7 @@ def _quantize(model, prefill, decode, scheme: str) -> dict:
             "bytes_after": after, "session_config": session_config(1),
             "computes": {"int8": "DequantizeLinear(int8, blocked) + MatMul; onnxruntime fuses it into MatMulNBits, "
                                  "fp32 activations at accuracy level 1",
-                         "int4": "DequantizeLinear(int4, blocked) + MatMul; onnxruntime fuses it into MatMulNBits, "
-                                 "fp32 activations at accuracy level 1",
+                         "int4": INT4_COMPUTES.format(block=block, level=1, acts="fp32"),
                          "nf4": "com.microsoft.MatMulBnb4 (dequantizes NF4 to fp32, then an fp32 GEMM)"}[scheme]}
 
 

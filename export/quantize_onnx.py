@@ -9,11 +9,21 @@ Each weight is named here "<module path>.weight" when the metadata gives the pat
 `sea_edge.quantize.quantized_state`), else by its initializer's name.
 
 Rewrites (every other node, the model-local functions and the other domains' opset imports are left as they are):
-- int8, int4: W -> DequantizeLinear(codes, scales; axis = the reduction axis of W, block_size) whose output feeds the
-  same MatMul / Gemm input. Codes are an INT8 / INT4 initializer, scales fp32 with ceil(K / B) entries along the axis
-  (the last block of a row may be short, as in sea_edge.quantize). Blocked DequantizeLinear and INT4 need the default
+- int8: W -> DequantizeLinear(codes, scales; axis = the reduction axis of W, block_size) whose output feeds the
+  same MatMul / Gemm input. Codes are an INT8 initializer, scales fp32 with ceil(K / B) entries along the axis
+  (the last block of a row may be short, as in sea_edge.quantize). Blocked DequantizeLinear needs the default
   domain at opset >= 21: an import of 18-20 is raised to 21 unless the graph holds an op whose meaning changed on the
   way (GroupNormalization, DFT, GridSample), which is refused; below 18, re-export.
+- int4: y = x @ W^T with W = q * scale + min (GGUF's Q4_1) becomes two products, MatMul / Gemm ->
+      com.microsoft.MatMulNBits(x, codes, Cast(scales), zero points 0; bits 4, block_size, accuracy_level)
+    + MatMul(MatMul(x, S), Cast(mins)^T)   [+ Add(C) for a Gemm bias]
+  where S is the (K, ceil(K / B)) 0/1 matrix summing x over each block (one per K and block size, shared by every
+  weight; and x @ S is computed once per input that several weights read, as q / k / v). B is (N, ceil(K / B),
+  B / 2) uint8 (element 2j of a block in the low nibble, the last block zero-padded); scales and mins are fp16
+  initializers (sea_edge.quantize rounded them so) cast to fp32, a Cast onnxruntime folds at load. The offset could
+  be a float zero point of MatMulNBits ((q - zero) * scale), but onnxruntime 1.32 runs float zero points on a slow
+  path (30x slower at one token a step, measured) and no int8-activation kernel; integer zero points cannot place a
+  Q4_1 grid. The default domain needs no new opset (MatMul, Cast).
 - nf4: MatMul / Gemm -> com.microsoft.MatMulBnb4(x, codes, absmax; K, N, block_size, quant_type=1) [+ Add(C) for a Gemm
   bias]. MatMulBnb4 reads the flattened (N, K) weight with flat element 2j in the high nibble and one absmax per block
   of the flat index (onnxruntime contrib_ops/cpu/quantization/blockwise_quant_block_bnb4.h): bitsandbytes'
@@ -25,9 +35,10 @@ Same numbers: quantized here (on CPU), a weight gets the codes and scales that s
 On CUDA, bitsandbytes' int8 kernel breaks near-ties differently in ~0.1 % of the codes: to export a model quantized
 there, pass `weights=quantized_state(model)`.
 
-In onnxruntime (1.32, CPU): with graph optimizations on, DequantizeLinear (int8 or int4, axis 0) + MatMul is fused
+In onnxruntime (1.32, CPU): with graph optimizations on, DequantizeLinear (int8, axis 0) + MatMul is fused
 into MatMulNBits, whose default accuracy level 4 quantizes the activations to int8 as well (~1e-2 relative error);
-the session config entry "session.qdq_matmulnbits_accuracy_level" = "1" keeps them fp32 (~1e-7). A Gemm reading a
+the session config entry "session.qdq_matmulnbits_accuracy_level" = "1" keeps them fp32 (~1e-7). The int4
+MatMulNBits written here carries its accuracy level as an attribute (1 by default; the offset product stays fp32). A Gemm reading a
 DequantizeLinear is not fused. MatMulBnb4's CPU kernel dequantizes the whole weight to fp32 on every call, then runs
 an fp32 GEMM: nf4 saves file size and resident memory, not time.
 """
@@ -104,8 +115,8 @@ def _reduction_axis(node: onnx.NodeProto) -> int | None:
     return None
 
 
-def _nf4_ok(node: onnx.NodeProto) -> bool:
-    """MatMulBnb4 computes A @ W^T, nothing more: a Gemm must not transpose A nor scale anything."""
+def _plain_ok(node: onnx.NodeProto) -> bool:
+    """MatMulBnb4 and MatMulNBits compute A @ W^T, nothing more: a Gemm must not transpose A nor scale anything."""
     if node.op_type == "MatMul":
         return True
     a = _attrs(node)
@@ -166,10 +177,6 @@ def _add_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
 
 
 def _codes_tensor(codes: np.ndarray, scheme: str, name: str) -> TensorProto:
-    if scheme == "int4":
-        import ml_dtypes  # onnx's own dependency for its 4-bit types
-
-        return numpy_helper.from_array(codes.astype(ml_dtypes.int4), name)  # packed 2 per byte, first in low nibble
     return numpy_helper.from_array(codes.astype(np.int8 if scheme == "int8" else np.uint8), name)
 
 
@@ -180,6 +187,7 @@ def quantize_matmul_weights(
     names: Collection[str] | Callable[[str], bool] | None = None,
     min_size: int = 0,
     weights: Mapping[str, dict] | None = None,
+    accuracy_level: int = 1,
 ) -> list[WeightReport]:
     """Quantize (in place) the fp32 weights of `model`'s MatMul and Gemm nodes. Returns one report per weight.
 
@@ -189,8 +197,9 @@ def quantize_matmul_weights(
     min_size: leave weights of fewer elements in fp32.
     weights: `sea_edge.quantize.quantized_state(torch_model)` to write a quantized torch model's own numbers; without
         it each weight is quantized here by the same function, which gives the same numbers on CPU.
+    accuracy_level: the int4 MatMulNBits' (1: fp32 activations; 4: int8 activations, onnxruntime's fast path).
     A weight is eligible when it is a 2-D fp32 initializer (not also a graph input or output) read only as input 1
-    of MatMul / Gemm nodes of the main graph (for nf4: Gemm without transA, alpha or beta).
+    of MatMul / Gemm nodes of the main graph (for int4 and nf4: Gemm without transA, alpha or beta).
     """
     check_scheme(scheme, block_size)
     if names is None and weights is not None:
@@ -222,7 +231,7 @@ def quantize_matmul_weights(
         seen.add(name)
         ok = (init.data_type == TensorProto.FLOAT and len(init.dims) == 2 and init_name not in blocked
               and all(pos == 1 and _reduction_axis(n) is not None for n, pos in consumers)
-              and (scheme != "nf4" or all(_nf4_ok(n) for n in nodes))
+              and (scheme == "int8" or all(_plain_ok(n) for n in nodes))
               and len({_reduction_axis(n) for n in nodes}) == 1)
         if not ok:
             if wanted is not None and not callable(wanted):
@@ -241,12 +250,14 @@ def quantize_matmul_weights(
     if not plan:
         return []
 
-    if scheme == "nf4":
-        _add_opset(model, _MS_DOMAIN, 1)
-    else:
+    if scheme == "int8":
         _raise_opset(model)
+    else:
+        _add_opset(model, _MS_DOMAIN, 1)
     fresh = _Names(model)
     reports = []
+    block_sums: dict[tuple[str, int], str] = {}  # (input, K) -> x @ S, computed once (int4)
+    new_shared: list[TensorProto] = []  # the block-sum matrices S, one per K (int4)
     for name, init, nodes in plan:
         axis = _reduction_axis(nodes[0])
         w = numpy_helper.to_array(init)
@@ -258,7 +269,25 @@ def quantize_matmul_weights(
         if scheme == "nf4":
             new = [numpy_helper.from_array(codes.reshape(-1), q_name),
                    numpy_helper.from_array(scales.reshape(-1), s_name)]
-            _replace_by_bnb4(g, nodes, q_name, s_name, K, N, block_size, fresh)
+            _replace_matmuls(g, nodes, fresh, lambda x, out, name: helper.make_node(
+                "MatMulBnb4", [x, q_name, s_name], [out], domain=_MS_DOMAIN, name=name, K=K, N=N,
+                block_size=block_size, quant_type=_NF4))
+        elif scheme == "int4":
+            m_name = fresh(f"{init.name}_min")
+            zp = np.zeros(N * ((-(-K // block_size) + 1) // 2), np.uint8)  # packed 4-bit zero points, all 0
+            new = [numpy_helper.from_array(_nbits_blocks(codes, block_size), q_name),
+                   numpy_helper.from_array(scales.reshape(-1).astype(np.float16), f"{s_name}_fp16"),
+                   numpy_helper.from_array(np.ascontiguousarray(rec["mins"].T).astype(np.float16), f"{m_name}_fp16"),
+                   numpy_helper.from_array(zp, fresh(f"{init.name}_zp0"))]
+            fresh.taken |= {f"{s_name}_fp16", f"{m_name}_fp16"}
+            at = min(list(g.node).index(n) for n in nodes)
+            for i, nm in enumerate((s_name, m_name)):  # fp16 in the file, fp32 for the kernels
+                g.node.insert(at + i, helper.make_node("Cast", [f"{nm}_fp16"], [nm], name=fresh(f"{nm}_Cast"),
+                                                       to=TensorProto.FLOAT))
+            zp_name = new[-1].name
+            _replace_matmuls(g, nodes, fresh, lambda x, out, name, K=K, N=N, m_name=m_name, zp_name=zp_name:
+                             _int4_product(g, x, out, name, q_name, s_name, zp_name, m_name, K, N, block_size,
+                                           accuracy_level, fresh, block_sums, new_shared))
         else:
             if axis == 0:  # (K, N) weight: codes (K, N), scales (ceil(K / B), N)
                 codes, scales = codes.T, scales.T
@@ -275,7 +304,10 @@ def quantize_matmul_weights(
         g.initializer.extend(new)
         for v in [v for v in g.value_info if v.name == init.name]:
             g.value_info.remove(v)
-        after = (N * K if scheme == "int8" else (N * K + 1) // 2) + scales.size * 4
+        g.initializer.extend(new_shared)
+        new_shared.clear()
+        after = (N * K + scales.size * 4 if scheme == "int8" else (N * K + 1) // 2 + scales.size * 4
+                 if scheme == "nf4" else N * (-(-K // block_size)) * (block_size // 2 + 4))  # int4: fp16 s and m
         reports.append(WeightReport(name, init.name, (N, K), scheme, block_size, N * K * 4, after))
     return reports
 
@@ -293,18 +325,49 @@ def _numbers(name: str, w_nk: np.ndarray, scheme: str, block_size: int, weights:
     return quantize_to_numpy(torch.from_numpy(np.array(w_nk, dtype=np.float32)), scheme, block_size, name)
 
 
-def _replace_by_bnb4(g: onnx.GraphProto, nodes, q_name: str, s_name: str, K: int, N: int, block_size: int,
-                     fresh) -> None:
-    """Each MatMul / Gemm reading the weight becomes MatMulBnb4 (+ Add of the Gemm's C), in the same place."""
+def _nbits_blocks(codes: np.ndarray, block_size: int) -> np.ndarray:
+    """(N, K) uint8 codes in [0, 15] -> MatMulNBits' B: (N, ceil(K / B), B / 2) uint8, the last block zero-padded,
+    element 2j of a block in the low nibble."""
+    N, K = codes.shape
+    nb = -(-K // block_size)
+    q = np.zeros((N, nb * block_size), np.uint8)
+    q[:, :K] = codes
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(N, nb, block_size // 2)
+
+
+def _int4_product(g, x: str, out: str, name: str, q_name: str, s_name: str, zp_name: str, m_name: str, K: int,
+                  N: int, B: int, accuracy_level: int, fresh, block_sums: dict, new_shared: list) -> list:
+    """The nodes of out = x @ (q * scale + min)^T: MatMulNBits(x) + MatMul(x @ S, mins^T) (module docstring)."""
+    nodes = []
+    key = (x, K, B)
+    if key not in block_sums:
+        s_mat = f"block_sum_{K}_{B}"
+        if s_mat not in {i.name for i in g.initializer} | {t.name for t in new_shared}:
+            nb = -(-K // B)
+            S = (np.arange(K)[:, None] // B == np.arange(nb)[None, :]).astype(np.float32)  # (K, nb)
+            new_shared.append(numpy_helper.from_array(S, s_mat))
+            fresh.taken.add(s_mat)
+        block_sums[key] = fresh(f"{x}_block_sums")
+        nodes.append(helper.make_node("MatMul", [x, s_mat], [block_sums[key]], name=fresh(f"{name}_block_sums")))
+    main, offset = fresh(f"{out}_codes"), fresh(f"{out}_mins")
+    nodes.append(helper.make_node("MatMulNBits", [x, q_name, s_name, zp_name], [main], domain=_MS_DOMAIN, name=name,
+                                  K=K, N=N, bits=4, block_size=B, accuracy_level=accuracy_level))
+    nodes.append(helper.make_node("MatMul", [block_sums[key], m_name], [offset], name=fresh(f"{name}_mins")))
+    nodes.append(helper.make_node("Add", [main, offset], [out], name=fresh(f"{name}_add")))
+    return nodes
+
+
+def _replace_matmuls(g: onnx.GraphProto, nodes, fresh, make) -> None:
+    """Each MatMul / Gemm reading the weight becomes make(x, out, name) (a node or a list of nodes; + Add of the
+    Gemm's C), in the same place."""
     for node in nodes:
         pos = list(g.node).index(node)
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
         out = fresh(f"{node.output[0]}_nobias") if bias else node.output[0]
-        bnb = helper.make_node("MatMulBnb4", [node.input[0], q_name, s_name], [out], domain=_MS_DOMAIN,
-                               name=fresh(f"{node.name or node.output[0]}_MatMulBnb4"), K=K, N=N,
-                               block_size=block_size, quant_type=_NF4)
-        bnb.metadata_props.extend(node.metadata_props)  # keeps where it came from (module path, stack trace)
-        new = [bnb]
+        made = make(node.input[0], out, fresh(f"{node.name or node.output[0]}_q"))
+        new = made if isinstance(made, list) else [made]
+        for q in new:
+            q.metadata_props.extend(node.metadata_props)  # keeps where it came from (module path, stack trace)
         if bias:
             add = helper.make_node("Add", [out, bias], [node.output[0]], name=fresh(f"{node.name}_bias"))
             add.metadata_props.extend(node.metadata_props)
@@ -316,11 +379,11 @@ def _replace_by_bnb4(g: onnx.GraphProto, nodes, q_name: str, s_name: str, K: int
 
 # -- the tied embedding / lm_head ------------------------------------------------------------------------------------
 
-EMBED_BITS = {"int8": 8, "int4": 4}
+EMBED_BITS = {"int8": 8}
 """Schemes whose codes the embedding can take: com.microsoft GatherBlockQuantized and MatMulNBits read unsigned
-8- or 4-bit codes with a zero point, which a symmetric int8 / int4 code plus 2^(bits-1) is exactly (no NF4 gather
-exists). sea-edge quantize uses int8 for the embedding under every scheme: on the default model an int4 table cost
-+19 points of perplexity (+58% vs +39% at int4, 2 x 256 validation tokens) for 15 MB."""
+8-bit codes with a zero point, which a symmetric int8 code plus 128 is exactly (no NF4 gather exists, and int4's
+float zero points are not GatherBlockQuantized's). sea-edge quantize uses int8 for the embedding under every scheme:
+on the default model a (symmetric) int4 table cost +19 points of perplexity (2 x 256 validation tokens) for 15 MB."""
 
 
 EMBED_INT8_BLOCK = 256
@@ -373,7 +436,7 @@ def quantize_tied_embedding(model: onnx.ModelProto, scheme: str, block_size: int
     """Quantize (in place) a tied embedding / lm_head table: Gather -> com.microsoft.GatherBlockQuantized, the lm_head
     MatMul(x, Transpose(W)) -> com.microsoft.MatMulNBits(x, Reshape(codes), scales) (accuracy_level 1: fp32
     activations; 4: int8 activations, onnxruntime's fast path). Both read ONE table of unsigned codes (the
-    symmetric sea_edge.quantize codes + 2^(bits-1), packed low nibble first for 4 bits) in blocks along E, so the
+    symmetric sea_edge.quantize int8 codes + 128) in blocks along E, so the
     file holds it once; onnxruntime folds the Reshape at load. Returns None (and changes nothing) when the graph has
     no tied table in that pattern or no block size (embedding_block) fits its width."""
     import torch
@@ -392,10 +455,7 @@ def quantize_tied_embedding(model: onnx.ModelProto, scheme: str, block_size: int
         return None
     bits = EMBED_BITS[scheme]
     rec = quantize_to_numpy(torch.from_numpy(W), scheme, B, init.name)
-    codes = rec["codes"].astype(np.int16) + (1 << (bits - 1))  # (V, E), unsigned
-    if bits == 4:
-        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    codes = codes.astype(np.uint8)
+    codes = (rec["codes"].astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)  # (V, E), unsigned
     scales = rec["scales"].reshape(V, E // B).astype(np.float32)
     names = _Names(model)
     q_name, s_name, shp_name = names(f"{init.name}_q{bits}"), names(f"{init.name}_scales"), names(f"{init.name}_nbits")

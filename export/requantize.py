@@ -2,8 +2,8 @@
 
 Schemes:
 - int8, int4, nf4: weight-only blockwise, the codes of sea_edge.quantize (bitsandbytes int8 with a linear code / NF4,
-  plain int4) written by quantize_onnx into every Linear weight of both graphs (teacher and SEA estimators; the tied
-  embedding / lm_head stays fp32).
+  asymmetric int4 with an fp16 scale and zero point) written by quantize_onnx into every Linear weight of both graphs
+  (teacher and SEA estimators); the tied embedding / lm_head in int8.
 - dynamic-int8: optimum's ORTQuantizer, dynamic int8 (weights int8, activations quantized at run time) with the
   preset of the target CPU: arm64 (Raspberry Pi, phones, Jetson, Apple), avx2, avx512_vnni (x86); from --target's
   device profile when given, else from this machine.
@@ -32,6 +32,7 @@ from sea_edge.errors import SeaEdgeError
 
 from .exporter import (
     DECODE,
+    INT4_COMPUTES,
     MANIFEST,
     PREFILL,
     QUANT_BLOCK,
@@ -134,8 +135,8 @@ def _weight_only(src: Path, tmp: Path, scheme: str, accuracy_level: int) -> dict
     prefill, decode = onnx.load(str(src / PREFILL)), onnx.load(str(src / DECODE))
     from .onnx_ops import attach_functions
 
-    reports = quantize_matmul_weights(prefill, scheme, block)
-    quantize_matmul_weights(decode, scheme, block)
+    reports = quantize_matmul_weights(prefill, scheme, block, accuracy_level=accuracy_level)
+    quantize_matmul_weights(decode, scheme, block, accuracy_level=accuracy_level)
     # the tied table: int8 under every scheme (quantize_onnx.EMBED_BITS says why)
     embed = quantize_embedding_pair(prefill, decode, accuracy_level)
     attach_functions(prefill)  # the default opset may have been raised (blocked DequantizeLinear needs 21)
@@ -151,6 +152,8 @@ def _weight_only(src: Path, tmp: Path, scheme: str, accuracy_level: int) -> dict
             "bytes_before": sum(r.bytes_before for r in reports), "bytes_after": sum(r.bytes_after for r in reports),
             "session_config": session_config(accuracy_level),
             "computes": "com.microsoft.MatMulBnb4 (NF4 dequantized to fp32, then an fp32 GEMM)" if scheme == "nf4"
+            else INT4_COMPUTES.format(block=block, level=accuracy_level,
+                                      acts="fp32" if accuracy_level == 1 else "int8") if scheme == "int4"
             else f"DequantizeLinear({scheme}, blocks of {block}) + MatMul; onnxruntime fuses it into MatMulNBits, "
                  + ("fp32 activations at accuracy level 1" if accuracy_level == 1 else
                     f"int8 activations at accuracy level {accuracy_level}") + " (session_config)"}
@@ -292,7 +295,8 @@ def module_sqnr(man: dict, scheme: str, ids: np.ndarray, embed_block: int | None
     input (recorded on real text) goes through the fp32 weight and through its quantized twin (the same codes as
     the ONNX file, sea_edge.quantize), so a module's figure is its own error, not the one accumulated upstream.
     Summarised per module kind ("mlp.down_proj", "sea.to_rows", ...): min and mean over layers. With `embed_block`
-    (the embedding was quantized, in blocks of that size), the tied lm_head is measured too, as "lm_head"."""
+    (the embedding was quantized, in blocks of that size), the tied lm_head is measured too, as "lm_head".
+    min and mean are null where a module's output is exactly the fp32 one (infinite SQNR; "exact" counts them)."""
     import torch
 
     from sea_edge.estimator_io import apply_estimator
@@ -321,4 +325,12 @@ def module_sqnr(man: dict, scheme: str, ids: np.ndarray, embed_block: int | None
             parts = name.split(".")
             kind = ".".join(parts[parts.index("self_attn") + 1:] if "self_attn" in parts else parts[-2:])
             kinds.setdefault(kind, []).append(sqnr_db(q(x), y))
-    return {k: {"min": min(v), "mean": sum(v) / len(v), "modules": len(v)} for k, v in sorted(kinds.items())}
+    # a module whose quantized output IS the fp32 one (int4 on Q4_1 GGUF weights) has no finite SQNR: null, and
+    # counted under "exact" (JSON has no infinity)
+    out = {}
+    for k, v in sorted(kinds.items()):
+        finite = [x for x in v if math.isfinite(x)]
+        out[k] = {"min": min(finite) if len(finite) == len(v) else None,
+                  "mean": sum(finite) / len(finite) if len(finite) == len(v) else None,
+                  "modules": len(v), "exact": len(v) - len(finite)}
+    return out

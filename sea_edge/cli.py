@@ -367,11 +367,12 @@ def _quant_table(reports):
     for r in reports:
         p, t = r["perplexity"], r["prefill_seconds"]
         sq = r.get("sqnr_db")
-        worst = min(sq.items(), key=lambda kv: kv[1]["min"]) if sq else None
+        finite = {k: v for k, v in (sq or {}).items() if v["min"] is not None}  # None: exact (infinite SQNR)
+        worst = min(finite.items(), key=lambda kv: kv[1]["min"]) if finite else None
         table.add_row(r["scheme"], f"{r['size_bytes']['quantized'] / 2**20:,.0f} MiB", f"{r['size_ratio']:.2f}",
                       f"{p['fp32']:.2f}", f"{p['quantized']:.2f}", f"{p['delta']:+.1%}", f"{r['top1_agreement']:.1%}",
                       f"{r['mask_agreement']:.3f}", f"{t['fp32']:.2f} / {t['quantized']:.2f}",
-                      f"{worst[1]['min']:.1f} ({worst[0]})" if worst else "-")
+                      f"{worst[1]['min']:.1f} ({worst[0]})" if worst else "exact" if sq else "-")
     return table
 
 

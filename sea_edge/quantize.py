@@ -1,22 +1,25 @@
 """Weight-only blockwise quantization of Linear layers, torchao-style: `quantize_(model, BnbInt8Config())`.
 
 Layout, the same for every scheme: a Linear weight W is (N, K) = (out_features, in_features); each output row is
-cut into blocks of `block_size` consecutive weights along K (the reduction dimension), and each block gets one fp32
-scale. The dequantized weight is ONE fp32 product per element, `value(code) * scale[block]`, which is exactly what
-ONNX DequantizeLinear (int8, int4) and com.microsoft.MatMulBnb4 (nf4) compute, so that `sea_edge.export.
-quantize_onnx` writes a graph whose weights equal these bit for bit (`quantized_weights` hands it the numbers).
+cut into blocks of `block_size` consecutive weights along K (the reduction dimension), and each block gets one scale
+(and, for int4, one offset). The dequantized weight is computed in fp32 as onnxruntime computes it (ONNX
+DequantizeLinear for int8, com.microsoft.MatMulBnb4 for nf4, com.microsoft.MatMulNBits plus a per-block offset
+product for int4: sea_edge.export.quantize_onnx), so that the graph's weights equal these (`quantized_weights` hands
+the rewrite the numbers).
 
-    scheme  codes                         value(code)             scale          last block of a row
-    int8    int8 in [-127, 127]           q                       absmax / 127   may be short (ceil(K / B) blocks)
-    int4    int4 in [-7, 7], 2 per byte   q                       absmax / 7     may be short
-    nf4     4-bit NormalFloat, 2 per byte NF4 table[q] in [-1, 1] absmax         K % B == 0 required
+    scheme  codes                         weight                  per block                   last block of a row
+    int8    int8 in [-127, 127]           q * scale               scale absmax / 127 (fp32)   may be short
+    int4    uint4 in [0, 15], 2 per byte  q * scale + min         scale (max - min) / 15,     may be short
+                                                                  min (both fp16 values)
+    nf4     4-bit NormalFloat, 2 per byte NF4 table[q] * absmax   absmax (fp32)               K % B == 0 required
 
 int8 is bitsandbytes' blockwise quantization (`quantize_blockwise`) with a linear symmetric code instead of its
 default dynamic one, so that each code is a plain int8 and the scale is absmax / 127: what ONNX DequantizeLinear
 (int8, zero point 0) expresses. nf4 is bitsandbytes' `quantize_4bit(quant_type="nf4")` unchanged; its blocks run over
 the flattened weight, which is why K must be a multiple of the block size (then they are the per-row blocks above,
-and also what MatMulBnb4 reads). int4 has no bitsandbytes equivalent: plain torch, round to nearest on the symmetric
-grid [-7, 7] (the code -8 is never used, so 0 stays exact and the grid is symmetric).
+and also what MatMulBnb4 reads). int4 has no bitsandbytes equivalent: plain torch, asymmetric round to nearest on
+16 levels from the block's min to its max: GGUF's Q4_1 (d * q + m, fp16 d and m), so a model distributed as Q4_1
+GGUF (the default teacher) gets exactly its own weights back, where any symmetric grid (absmax / 7) moves them.
 """
 
 from __future__ import annotations
@@ -53,13 +56,12 @@ TARGETS = ("estimator", "teacher", "all")
 # Block sizes each scheme accepts, and why:
 # int8: bitsandbytes' quantize_blockwise (its CUDA kernels exist for these sizes only).
 # nf4: bitsandbytes' 4-bit kernels (32..4096) AND onnxruntime's MatMulBnb4 (16..256).
-# int4: powers of two >= 16, what onnxruntime's MatMulNBits (which its optimizer fuses DequantizeLinear into) takes.
+# int4: powers of two >= 16, what onnxruntime's MatMulNBits takes.
 SCHEMES: dict[str, tuple[int, ...]] = {
     "int8": (64, 128, 256, 512, 1024, 2048, 4096),
     "nf4": (32, 64, 128, 256),
     "int4": tuple(2**i for i in range(4, 13)),
 }
-_QMAX = {"int8": 127, "int4": 7}
 
 
 def _bnb():
@@ -122,10 +124,12 @@ class BnbNF4Config:
 
 @dataclass(frozen=True)
 class Int4Config:
-    """Plain symmetric int4 weights in [-7, 7] (scale absmax / 7 per block); no bitsandbytes equivalent."""
+    """Asymmetric int4 weights: 16 levels from each block's min to its max, fp16 scale and min (GGUF's Q4_1);
+    no bitsandbytes equivalent."""
 
     block_size: int = 32
-    """Weights per scale. 32: a linear 4-bit grid needs small blocks to match NF4 at 64 (GPTQ/AWQ use 32-128)."""
+    """Weights per scale and min. 32: GGUF's Q4_1 block (the default teacher's weights are Q4_1 codes in blocks of
+    32, which this grid then reproduces exactly); 4 bytes of scale and min per 32 weights."""
     target: str = "estimator"
     """"estimator": the Linears of the SEA estimators; "teacher": every other Linear; "all": both."""
     scheme: ClassVar[str] = "int4"
@@ -143,7 +147,7 @@ def _shapes(scheme: str, N: int, K: int, B: int) -> tuple[tuple[int, int], tuple
     nb = math.ceil(K / B)
     if scheme == "int8":
         return (N, K), (N, nb)
-    return (N, math.ceil(K / 2)), (N, nb)  # int4 / nf4: two codes per byte
+    return (N, math.ceil(K / 2)), (N, nb)  # int4 / nf4: two codes per byte (int4: mins shaped as scales)
 
 
 def _pad_to_blocks(w: torch.Tensor, B: int) -> torch.Tensor:
@@ -184,25 +188,34 @@ def _quantize_int8(w: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]
     return codes, _div(absmax, 127)
 
 
-def _quantize_int4(w: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 values rounded to the nearest fp16 (what the file stores), kept in fp32."""
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _quantize_int4(w: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     N, K = w.shape
-    blocks = _pad_to_blocks(w, B).view(N, -1, B)  # (N, nb, B)
-    scales = _div(blocks.abs().amax(-1), 7)  # (N, nb)
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # all-zero block: codes 0, scale 0
-    q = torch.round(blocks / safe.unsqueeze(-1)).clamp(-7, 7).to(torch.int8).view(N, -1)[:, :K]  # (N, K)
-    return _pack_int4(q), scales
+    pad = math.ceil(K / B) * B - K  # the short last block: padding that never sets its min or max
+    lo = F.pad(w, (0, pad), value=math.inf).view(N, -1, B).amin(-1)  # (N, nb)
+    hi = F.pad(w, (0, pad), value=-math.inf).view(N, -1, B).amax(-1)
+    scales, mins = _fp16(_div(hi - lo, 15)), _fp16(lo)
+    if not (torch.isfinite(scales).all() and torch.isfinite(mins).all()):
+        raise ValueError("int4: a block's min or range exceeds fp16 (65504): int4 stores fp16 scales and mins")
+    per = lambda t: t.repeat_interleave(B, 1)[:, :K]  # noqa: E731
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # a flat block: codes 0, weight = its min
+    q = torch.round((w - per(mins)) / per(safe)).clamp(0, 15).to(torch.uint8)  # (N, K)
+    return _pack_int4(q), scales, mins
 
 
 def _pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) int8 in [-8, 7] -> (N, ceil(K / 2)) uint8, element 2j in the low nibble (ONNX's INT4 order)."""
-    nib = F.pad((q & 0xF).to(torch.uint8), (0, q.shape[1] % 2))  # two's complement nibbles, row padded to even
+    """(N, K) uint8 in [0, 15] -> (N, ceil(K / 2)) uint8, element 2j in the low nibble (MatMulNBits' order)."""
+    nib = F.pad(q.to(torch.uint8), (0, q.shape[1] % 2))  # row padded to even
     return nib[:, 0::2] | (nib[:, 1::2] << 4)
 
 
 def _unpack_int4(codes: torch.Tensor, K: int) -> torch.Tensor:
-    """Inverse of `_pack_int4`: (N, ceil(K / 2)) uint8 -> (N, K) int8."""
-    nib = torch.stack([codes & 0xF, codes >> 4], dim=-1).view(codes.shape[0], -1)[:, :K].to(torch.int8)
-    return torch.where(nib > 7, nib - 16, nib)  # sign-extend the nibble
+    """Inverse of `_pack_int4`: (N, ceil(K / 2)) uint8 -> (N, K) uint8 in [0, 15]."""
+    return torch.stack([codes & 0xF, codes >> 4], dim=-1).view(codes.shape[0], -1)[:, :K]
 
 
 def _quantize_nf4(w: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +227,8 @@ def _quantize_nf4(w: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_weight(weight: torch.Tensor, scheme: str, block_size: int, name: str = "weight"):
-    """Quantize an (N, K) weight. Returns (codes, scales): see the module docstring for their layout.
+    """Quantize an (N, K) weight. Returns (codes, scales, mins): see the module docstring for their layout; mins
+    (fp32 (N, ceil(K / B)) holding fp16 values) for int4, None for the symmetric int8 and nf4.
 
     Runs where the weight is (CPU or CUDA), in fp32. `name` only labels the errors."""
     check_scheme(scheme, block_size)
@@ -228,15 +242,19 @@ def quantize_weight(weight: torch.Tensor, scheme: str, block_size: int, name: st
         if K % block_size:
             raise ValueError(f"{name}: in_features {K} is not a multiple of the nf4 block_size {block_size} "
                              "(bitsandbytes and MatMulBnb4 block the flattened weight); pick a block size dividing it")
-        return _quantize_nf4(w, block_size)
+        return (*_quantize_nf4(w, block_size), None)
     if scheme == "int8":
-        return _quantize_int8(w, block_size)
-    return _quantize_int4(w, block_size)
+        return (*_quantize_int8(w, block_size), None)
+    try:
+        return _quantize_int4(w, block_size)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, scheme: str, block_size: int,
-                      shape: tuple[int, int]) -> torch.Tensor:
-    """(N, K) fp32 weight: value(code) * scale of its block, one fp32 product per element (as ONNX Runtime)."""
+                      shape: tuple[int, int], mins: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, K) fp32 weight: value(code) * scale of its block (int8, nf4), or code * scale + min (int4, which needs
+    `mins`); one fp32 product (and sum) per element."""
     N, K = shape
     if scheme == "nf4":
         bnbf = _bnb()
@@ -246,8 +264,12 @@ def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, scheme: str, bl
                                 code=bnbf.get_4bit_type("nf4", device=codes.device), quant_type="nf4",
                                 dtype=torch.float32)
         return bnbf.dequantize_4bit(codes.reshape(-1, 1), state)
-    q = codes if scheme == "int8" else _unpack_int4(codes, K)  # (N, K) int8
-    return q.float() * scales.repeat_interleave(block_size, dim=1)[:, :K]
+    per = lambda t: t.repeat_interleave(block_size, dim=1)[:, :K]  # noqa: E731 (block -> element)
+    if scheme == "int8":
+        return codes.float() * per(scales)
+    if mins is None:
+        raise ValueError("int4 weights need their block mins")
+    return _unpack_int4(codes, K).float() * per(scales) + per(mins)
 
 
 # -- the module --------------------------------------------------------------------------------------------------------
@@ -268,17 +290,23 @@ class QuantizedLinear(nn.Module):
         code_dtype = torch.int8 if scheme == "int8" else torch.uint8
         self.register_buffer("codes", torch.zeros(cshape, dtype=code_dtype, device=device))
         self.register_buffer("scales", torch.zeros(sshape, dtype=torch.float32, device=device))
+        if scheme == "int4":
+            self.register_buffer("mins", torch.zeros(sshape, dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("mins", None)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: str, block_size: int, name: str = "linear") -> QuantizedLinear:
         w = linear.weight
-        codes, scales = quantize_weight(w, scheme, block_size, name)  # first: its errors name the layer
+        codes, scales, mins = quantize_weight(w, scheme, block_size, name)  # first: its errors name the layer
         q = cls(linear.in_features, linear.out_features, scheme, block_size, linear.bias is not None,
                 device=w.device, dtype=w.dtype)
         q.codes.copy_(codes)
         q.scales.copy_(scales)
+        if mins is not None:
+            q.mins.copy_(mins)
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.detach())
         return q
@@ -286,15 +314,17 @@ class QuantizedLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         """model.half() / .to(torch.bfloat16) cast the bias but not the fp32 scales (rounding them would change the
         weights and break the match with the exported graph); .cuda() / .to(device) move the scales with the codes."""
-        scales = self.scales
+        scales, mins = self.scales, self.mins
         super()._apply(fn, recurse)
         self.scales = scales.to(self.codes.device)
+        if mins is not None:
+            self.mins = mins.to(self.codes.device)
         return self
 
     def dequantize(self) -> torch.Tensor:
         """The (N, K) fp32 weight this layer multiplies by."""
         return dequantize_weight(self.codes, self.scales, self.scheme, self.block_size,
-                                 (self.out_features, self.in_features))
+                                 (self.out_features, self.in_features), self.mins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -305,38 +335,43 @@ class QuantizedLinear(nn.Module):
                 f"scheme={self.scheme}, block_size={self.block_size}")
 
 
-def _record(codes: torch.Tensor, scales: torch.Tensor, scheme: str, block_size: int, shape: tuple[int, int]) -> dict:
+def _record(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, scheme: str, block_size: int,
+            shape: tuple[int, int]) -> dict:
     codes = codes.detach().cpu()
     if scheme == "int4":
         codes = _unpack_int4(codes, shape[1])
-    return {
+    rec = {
         "scheme": scheme,
         "block_size": block_size,
         "shape": tuple(shape),
         "codes": codes.numpy().copy(),
         "scales": scales.detach().cpu().numpy().astype(np.float32, copy=True),
     }
+    if mins is not None:
+        rec["mins"] = mins.detach().cpu().numpy().astype(np.float32, copy=True)
+    return rec
 
 
 def quantized_weights(module: QuantizedLinear) -> dict:
     """What an ONNX rewrite needs to carry exactly this layer's numbers, as numpy (torch layout, W is (N, K)):
 
     - scheme, block_size, shape (N, K)
-    - codes: int8 (N, K) for int8 and int4 (int4 unpacked, values in [-7, 7]); nf4: uint8 (N, K / 2), bitsandbytes'
-      packing (flat element 2j in the high nibble), whose flattening is MatMulBnb4's input B
+    - codes: int8 (N, K) for int8; uint8 (N, K) in [0, 15] for int4 (unpacked); nf4: uint8 (N, K / 2),
+      bitsandbytes' packing (flat element 2j in the high nibble), whose flattening is MatMulBnb4's input B
     - scales: fp32 (N, ceil(K / B)); the dequantized weight is value(code) * scales[n, k // B] (for nf4 the scales
       are the absmax, flattened they are MatMulBnb4's input absmax)
+    - mins (int4 only): fp32 (N, ceil(K / B)) holding fp16 values; the weight is code * scale + min
     """
     if not isinstance(module, QuantizedLinear):
         raise TypeError(f"expected a QuantizedLinear, got {type(module).__name__}")
-    return _record(module.codes, module.scales, module.scheme, module.block_size,
+    return _record(module.codes, module.scales, module.mins, module.scheme, module.block_size,
                    (module.out_features, module.in_features))
 
 
 def quantize_to_numpy(weight: torch.Tensor, scheme: str, block_size: int, name: str = "weight") -> dict:
     """`quantized_weights` of the QuantizedLinear that this (N, K) weight would become (same function, same numbers)."""
-    codes, scales = quantize_weight(weight, scheme, block_size, name)
-    return _record(codes, scales, scheme, block_size, tuple(weight.shape))
+    codes, scales, mins = quantize_weight(weight, scheme, block_size, name)
+    return _record(codes, scales, mins, scheme, block_size, tuple(weight.shape))
 
 
 def quantized_state(model: nn.Module) -> dict[str, dict]:
