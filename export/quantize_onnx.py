@@ -269,9 +269,9 @@ def quantize_matmul_weights(
         if scheme == "nf4":
             new = [numpy_helper.from_array(codes.reshape(-1), q_name),
                    numpy_helper.from_array(scales.reshape(-1), s_name)]
-            _replace_matmuls(g, nodes, fresh, lambda x, out, name: helper.make_node(
-                "MatMulBnb4", [x, q_name, s_name], [out], domain=_MS_DOMAIN, name=name, K=K, N=N,
-                block_size=block_size, quant_type=_NF4))
+            _replace_matmuls(g, nodes, fresh, lambda x, out, name, q_name=q_name, s_name=s_name, K=K, N=N:
+                             helper.make_node("MatMulBnb4", [x, q_name, s_name], [out], domain=_MS_DOMAIN, name=name,
+                                              K=K, N=N, block_size=block_size, quant_type=_NF4))
         elif scheme == "int4":
             m_name = fresh(f"{init.name}_min")
             zp = np.zeros(N * ((-(-K // block_size) + 1) // 2), np.uint8)  # packed 4-bit zero points, all 0
@@ -285,8 +285,8 @@ def quantize_matmul_weights(
                 g.node.insert(at + i, helper.make_node("Cast", [f"{nm}_fp16"], [nm], name=fresh(f"{nm}_Cast"),
                                                        to=TensorProto.FLOAT))
             zp_name = new[-1].name
-            _replace_matmuls(g, nodes, fresh, lambda x, out, name, K=K, N=N, m_name=m_name, zp_name=zp_name:
-                             _int4_product(g, x, out, name, q_name, s_name, zp_name, m_name, K, N, block_size,
+            _replace_matmuls(g, nodes, fresh, lambda x, out, name, K=K, N=N, m_name=m_name, zp_name=zp_name,
+                             q_name=q_name, s_name=s_name: _int4_product(g, x, out, name, q_name, s_name, zp_name, m_name, K, N, block_size,
                                            accuracy_level, fresh, block_sums, new_shared))
         else:
             if axis == 0:  # (K, N) weight: codes (K, N), scales (ceil(K / B), N)
