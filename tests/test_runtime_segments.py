@@ -366,3 +366,20 @@ def test_split_with_the_triton_kernel_interpreted(exported_default, split, whole
     got = s.prefill_logits(ids)
     np.testing.assert_allclose(got, ref, atol=2e-3, rtol=0)
     assert (got.argmax(-1) == ref.argmax(-1)).all() and s.backend.stats["sparse_attention_calls"] == 30
+
+
+def test_bisect_ep_cpu_against_itself(exported_default):
+    """runtime/bisect_ep on the CPU provider against itself: every segment of the prefill graph agrees exactly,
+    and with a negative tolerance the drill-down runs (every optimization level, every value exposed) and names
+    nodes, so on the GPU machine it can only report what differs."""
+    from sea_edge.runtime.bisect_ep import bisect
+
+    r = bisect(exported_default.out, seq_len=32, provider="CPUExecutionProvider", progress=lambda *_: None)
+    assert len(r["segments"]) == 31 and all(s["worst_rel_diff"] == 0 for s in r["segments"])
+    assert r["first_bad_segment"] is None and "every segment within" in r["verdict"]
+    r = bisect(exported_default.out, seq_len=32, decode=True, provider="CPUExecutionProvider", tol=-1,
+               progress=lambda *_: None)
+    bad = r["first_bad_segment"]
+    assert r["graph"] == "decode.onnx" and bad["segment"] == r["segments"][0]["segment"]
+    assert set(bad["by_optimization_level"]) == {"all", "extended", "basic", "off"}
+    assert bad["exposed_values"] > 10 and len(bad["first_bad_nodes"]) == 8
