@@ -180,7 +180,7 @@ def test_int4_flat_block():
 # -- accuracy: SQNR on Gaussian weights ------------------------------------------------------------------------------
 # Floors a few dB below what these seeds measure, and what theory says for N(0, 1) blocks:
 # - int8, B=256: step = absmax / 127 ~ 2.8 sigma / 127, noise step^2 / 12 -> 43.9 dB per weight (measured 43.4);
-# - int4, B=32:  absmax ~ 2.2 sigma, step ~ 0.31 sigma -> 20.9 dB per weight (measured 20.3);
+# - int4, B=32:  asymmetric, step = range / 15 ~ 4.1 sigma / 15 -> 22.1 dB per weight measured (symmetric: 20.3);
 # - nf4, B=64:   the NormalFloat grid, measured 20.7 dB per weight.
 # Outputs lose ~3 dB per extra quantized layer in the path (independent errors add): the 2-layer MLP measures
 # 40.3 / 17.7 / 17.2 dB (int8 / nf4 / int4), the estimator's logits (encoder.0, encoder.2, to_rows in series)
