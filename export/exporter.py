@@ -167,9 +167,12 @@ model, int8, 2 cores: decode 7.6 tok/s at level 1 vs 29.0 at level 4 (fp32 expor
 over fp32 (4 validation windows of 512 tokens)."""
 
 
-INT4_COMPUTES = ("com.microsoft.MatMulNBits (4-bit codes, (code - zero) * scale with an fp16 scale and zero point per "
-                 "block of {block}, cast to fp32 at load), {acts} activations at accuracy level {level}")
-"""The manifest's `computes` for int4 (format with block, level, acts)."""
+def int4_computes(block: int, accuracy_level: int) -> str:
+    """The manifest's `computes` for int4 (sea_edge.export.quantize_onnx's rewrite)."""
+    acts = "fp32" if accuracy_level == 1 else "int8"
+    return (f"com.microsoft.MatMulNBits (4-bit codes times an fp16 scale per block of {block}, {acts} activations at "
+            f"accuracy level {accuracy_level}) + an fp32 MatMul of the block sums with the fp16 block mins "
+            "(q * scale + min, GGUF Q4_1's grid; scales and mins cast to fp32 at load)")
 
 
 def session_config(accuracy_level: int = 1) -> dict:
@@ -224,7 +227,7 @@ def _quantize(model, prefill, decode, scheme: str) -> dict:
             "bytes_after": after, "session_config": session_config(1),
             "computes": {"int8": "DequantizeLinear(int8, blocked) + MatMul; onnxruntime fuses it into MatMulNBits, "
                                  "fp32 activations at accuracy level 1",
-                         "int4": INT4_COMPUTES.format(block=block, level=1, acts="fp32"),
+                         "int4": int4_computes(block, 1),
                          "nf4": "com.microsoft.MatMulBnb4 (dequantizes NF4 to fp32, then an fp32 GEMM)"}[scheme]}
 
 

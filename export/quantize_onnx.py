@@ -37,9 +37,9 @@ there, pass `weights=quantized_state(model)`.
 
 In onnxruntime (1.32, CPU): with graph optimizations on, DequantizeLinear (int8, axis 0) + MatMul is fused
 into MatMulNBits, whose default accuracy level 4 quantizes the activations to int8 as well (~1e-2 relative error);
-the session config entry "session.qdq_matmulnbits_accuracy_level" = "1" keeps them fp32 (~1e-7). The int4
-MatMulNBits written here carries its accuracy level as an attribute (1 by default; the offset product stays fp32). A Gemm reading a
-DequantizeLinear is not fused. MatMulBnb4's CPU kernel dequantizes the whole weight to fp32 on every call, then runs
+the session config entry "session.qdq_matmulnbits_accuracy_level" = "1" keeps them fp32 (~1e-7). A Gemm reading a
+DequantizeLinear is not fused. The int4 MatMulNBits written here carries its accuracy level as an attribute (1 by
+default; the offset product stays fp32). MatMulBnb4's CPU kernel dequantizes the whole weight to fp32 on every call, then runs
 an fp32 GEMM: nf4 saves file size and resident memory, not time.
 """
 
@@ -48,6 +48,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx
@@ -176,10 +177,6 @@ def _add_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
         model.opset_import.append(helper.make_opsetid(domain, version))
 
 
-def _codes_tensor(codes: np.ndarray, scheme: str, name: str) -> TensorProto:
-    return numpy_helper.from_array(codes.astype(np.int8 if scheme == "int8" else np.uint8), name)
-
-
 def quantize_matmul_weights(
     model: onnx.ModelProto,
     scheme: str,
@@ -256,8 +253,7 @@ def quantize_matmul_weights(
         _add_opset(model, _MS_DOMAIN, 1)
     fresh = _Names(model)
     reports = []
-    block_sums: dict[tuple[str, int], str] = {}  # (input, K) -> x @ S, computed once (int4)
-    new_shared: list[TensorProto] = []  # the block-sum matrices S, one per K (int4)
+    block_sums: dict[tuple[str, int, int], str] = {}  # (input, K, B) -> x @ S, computed once (int4)
     for name, init, nodes in plan:
         axis = _reduction_axis(nodes[0])
         w = numpy_helper.to_array(init)
@@ -269,9 +265,8 @@ def quantize_matmul_weights(
         if scheme == "nf4":
             new = [numpy_helper.from_array(codes.reshape(-1), q_name),
                    numpy_helper.from_array(scales.reshape(-1), s_name)]
-            _replace_matmuls(g, nodes, fresh, lambda x, out, name, q_name=q_name, s_name=s_name, K=K, N=N:
-                             helper.make_node("MatMulBnb4", [x, q_name, s_name], [out], domain=_MS_DOMAIN, name=name,
-                                              K=K, N=N, block_size=block_size, quant_type=_NF4))
+            _replace_matmuls(g, nodes, fresh, partial(_bnb4_product, q_name=q_name, s_name=s_name, K=K, N=N,
+                                                      B=block_size))
         elif scheme == "int4":
             m_name = fresh(f"{init.name}_min")
             zp = np.zeros(N * ((-(-K // block_size) + 1) // 2), np.uint8)  # packed 4-bit zero points, all 0
@@ -284,14 +279,13 @@ def quantize_matmul_weights(
             for i, nm in enumerate((s_name, m_name)):  # fp16 in the file, fp32 for the kernels
                 g.node.insert(at + i, helper.make_node("Cast", [f"{nm}_fp16"], [nm], name=fresh(f"{nm}_Cast"),
                                                        to=TensorProto.FLOAT))
-            zp_name = new[-1].name
-            _replace_matmuls(g, nodes, fresh, lambda x, out, name, K=K, N=N, m_name=m_name, zp_name=zp_name,
-                             q_name=q_name, s_name=s_name: _int4_product(g, x, out, name, q_name, s_name, zp_name, m_name, K, N, block_size,
-                                           accuracy_level, fresh, block_sums, new_shared))
+            _replace_matmuls(g, nodes, fresh, partial(
+                _int4_product, g, q_name=q_name, s_name=s_name, zp_name=new[-1].name, m_name=m_name, K=K, N=N,
+                B=block_size, accuracy_level=accuracy_level, fresh=fresh, block_sums=block_sums))
         else:
             if axis == 0:  # (K, N) weight: codes (K, N), scales (ceil(K / B), N)
                 codes, scales = codes.T, scales.T
-            new = [_codes_tensor(np.ascontiguousarray(codes), scheme, q_name),
+            new = [numpy_helper.from_array(np.ascontiguousarray(codes).astype(np.int8), q_name),
                    numpy_helper.from_array(np.ascontiguousarray(scales), s_name)]
             out = fresh(f"{init.name}_dequantized")
             dq = helper.make_node("DequantizeLinear", [q_name, s_name], [out],
@@ -304,10 +298,12 @@ def quantize_matmul_weights(
         g.initializer.extend(new)
         for v in [v for v in g.value_info if v.name == init.name]:
             g.value_info.remove(v)
-        g.initializer.extend(new_shared)
-        new_shared.clear()
-        after = (N * K + scales.size * 4 if scheme == "int8" else (N * K + 1) // 2 + scales.size * 4
-                 if scheme == "nf4" else N * (-(-K // block_size)) * (block_size // 2 + 4))  # int4: fp16 s and m
+        if scheme == "int8":
+            after = N * K + scales.size * 4
+        elif scheme == "nf4":
+            after = (N * K + 1) // 2 + scales.size * 4
+        else:  # codes padded to whole blocks, fp16 scale and min
+            after = N * (-(-K // block_size)) * (block_size // 2 + 4)
         reports.append(WeightReport(name, init.name, (N, K), scheme, block_size, N * K * 4, after))
     return reports
 
@@ -335,17 +331,23 @@ def _nbits_blocks(codes: np.ndarray, block_size: int) -> np.ndarray:
     return (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(N, nb, block_size // 2)
 
 
-def _int4_product(g, x: str, out: str, name: str, q_name: str, s_name: str, zp_name: str, m_name: str, K: int,
-                  N: int, B: int, accuracy_level: int, fresh, block_sums: dict, new_shared: list) -> list:
+def _bnb4_product(x: str, out: str, name: str, *, q_name: str, s_name: str, K: int, N: int,
+                  B: int) -> onnx.NodeProto:
+    return helper.make_node("MatMulBnb4", [x, q_name, s_name], [out], domain=_MS_DOMAIN, name=name, K=K, N=N,
+                            block_size=B, quant_type=_NF4)
+
+
+def _int4_product(g, x: str, out: str, name: str, *, q_name: str, s_name: str, zp_name: str, m_name: str, K: int,
+                  N: int, B: int, accuracy_level: int, fresh, block_sums: dict) -> list:
     """The nodes of out = x @ (q * scale + min)^T: MatMulNBits(x) + MatMul(x @ S, mins^T) (module docstring)."""
     nodes = []
     key = (x, K, B)
     if key not in block_sums:
         s_mat = f"block_sum_{K}_{B}"
-        if s_mat not in {i.name for i in g.initializer} | {t.name for t in new_shared}:
+        if s_mat not in fresh.taken:  # one S per K and B in the graph
             nb = -(-K // B)
             S = (np.arange(K)[:, None] // B == np.arange(nb)[None, :]).astype(np.float32)  # (K, nb)
-            new_shared.append(numpy_helper.from_array(S, s_mat))
+            g.initializer.append(numpy_helper.from_array(S, s_mat))
             fresh.taken.add(s_mat)
         block_sums[key] = fresh(f"{x}_block_sums")
         nodes.append(helper.make_node("MatMul", [x, s_mat], [block_sums[key]], name=fresh(f"{name}_block_sums")))

@@ -2,7 +2,7 @@
 
 Schemes:
 - int8, int4, nf4: weight-only blockwise, the codes of sea_edge.quantize (bitsandbytes int8 with a linear code / NF4,
-  asymmetric int4 with an fp16 scale and zero point) written by quantize_onnx into every Linear weight of both graphs
+  asymmetric int4 with an fp16 scale and min) written by quantize_onnx into every Linear weight of both graphs
   (teacher and SEA estimators); the tied embedding / lm_head in int8.
 - dynamic-int8: optimum's ORTQuantizer, dynamic int8 (weights int8, activations quantized at run time) with the
   preset of the target CPU: arm64 (Raspberry Pi, phones, Jetson, Apple), avx2, avx512_vnni (x86); from --target's
@@ -32,13 +32,13 @@ from sea_edge.errors import SeaEdgeError
 
 from .exporter import (
     DECODE,
-    INT4_COMPUTES,
     MANIFEST,
     PREFILL,
     QUANT_BLOCK,
     WEIGHTS,
     _check_out,
     _replace,
+    int4_computes,
     read_manifest,
     session_config,
     sha256_file,
@@ -152,8 +152,7 @@ def _weight_only(src: Path, tmp: Path, scheme: str, accuracy_level: int) -> dict
             "bytes_before": sum(r.bytes_before for r in reports), "bytes_after": sum(r.bytes_after for r in reports),
             "session_config": session_config(accuracy_level),
             "computes": "com.microsoft.MatMulBnb4 (NF4 dequantized to fp32, then an fp32 GEMM)" if scheme == "nf4"
-            else INT4_COMPUTES.format(block=block, level=accuracy_level,
-                                      acts="fp32" if accuracy_level == 1 else "int8") if scheme == "int4"
+            else int4_computes(block, accuracy_level) if scheme == "int4"
             else f"DequantizeLinear({scheme}, blocks of {block}) + MatMul; onnxruntime fuses it into MatMulNBits, "
                  + ("fp32 activations at accuracy level 1" if accuracy_level == 1 else
                     f"int8 activations at accuracy level {accuracy_level}") + " (session_config)"}
@@ -165,9 +164,8 @@ def _dynamic_int8(src: Path, tmp: Path, preset: str) -> dict:
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-    from .onnx_ops import attach_functions
-
     from .graphs import save_pair
+    from .onnx_ops import attach_functions
 
     work = Path(tempfile.mkdtemp(dir=tmp.parent, prefix=".quant-work."))
     graphs = {}
