@@ -166,10 +166,13 @@ def custom_translation_table() -> dict:
 
     register_schema()  # onnxscript looks the op up in onnx's schema registry
     sea = onnxscript.values.Opset(DOMAIN, VERSION)
-    INT64, FLOAT = onnxscript.INT64.dtype, onnxscript.FLOAT.dtype
+    INT64, FLOAT, DOUBLE = onnxscript.INT64.dtype, onnxscript.FLOAT.dtype, onnxscript.DOUBLE.dtype
 
     def ints(*v):
         return op.Constant(value_ints=list(v))
+
+    def f64(x: float):
+        return op.Constant(value=helper.make_tensor("value", TensorProto.DOUBLE, [], [x]))
 
     def i64(x):
         """A python int or a symbolic size (an int64 value of the graph) -> 1-d int64 of one element."""
@@ -179,6 +182,26 @@ def custom_translation_table() -> dict:
 
     def sparse_attention(q, k, v, idx, scale: float):
         return sea.SparseAttention(q, k, v, idx, scale=float(scale))
+
+    def _distinct_keys(p, H, K):
+        """Fp32 scores (B, H, T, K) -> fp64 keys that order as the scores do, with every tie broken towards the
+        lower (head, column): the reference's stable sorts. TopK's order among equal values is the provider's
+        choice (the CUDA provider's differs from the CPU's, and at short lengths many scores are equal: zeros
+        from the softmax, -inf for empty columns), so the selection must not depend on it.
+
+        With t = H*K - (h*K + j) in [1, 2^23): a score v != 0 becomes v * (1 + sign(v) t 2^-48), which moves v by
+        less than half an fp32 step (2^-24 relative) and keeps distinct t apart by 8 fp64 steps; a zero becomes
+        t 2^-1000, between every negative and every positive fp32 number and still a normal fp64 (no denormals);
+        -inf stays -inf (those never count: keep requires a finite score)."""
+        HK = op.Mul(H, K)  # H, K: 1-d sizes
+        n = op.Range(op.Constant(value_int=0), op.Squeeze(HK), op.Constant(value_int=1))
+        t = op.Cast(op.Sub(HK, n), to=DOUBLE)  # (H*K,): H*K .. 1
+        t = op.Reshape(t, op.Concat(ints(1), H, ints(1), K, axis=0))  # (1, H, 1, K)
+        v = op.Cast(p, to=DOUBLE)
+        zero, one = f64(0.0), f64(1.0)
+        step = op.Mul(t, f64(2.0 ** -48))
+        moved = op.Mul(v, op.Where(op.Greater(v, zero), op.Add(one, step), op.Sub(one, step)))
+        return op.Where(op.Equal(v, zero), op.Mul(t, f64(2.0 ** -1000)), moved)
 
     def sparse_index(probs, key_valid, n_cols, head_cap, S, causal: bool, n_keys: int, span):
         """kernels.reference.sparse_index_ref in ONNX: select_columns_ref then expand_columns_ref."""
@@ -198,6 +221,7 @@ def custom_translation_table() -> dict:
         selectable = op.Greater(op.Div(op.Mul(op.Add(j, op.Constant(value_int=1)), Lc), Ks),
                                 op.Div(op.Mul(j, Lc), Ks))  # (T, K)
         p = op.Where(selectable, op.Cast(probs, to=FLOAT), op.Constant(value_float=float("-inf")))
+        p = _distinct_keys(p, H, K)
         # (1) each head's top c columns; (2) the top n_row of the H*c candidates of a token, head-major
         c = op.Min(head_cap, K)
         vals, cols = op.TopK(p, c, axis=-1, largest=1, sorted=1)  # (B, H, T, c)
@@ -215,7 +239,7 @@ def custom_translation_table() -> dict:
         keep = op.ScatterElements(op.Expand(op.Constant(value_int=0), op.Shape(flat)), order,
                                   op.Expand(in_budget, op.Shape(flat)), axis=-1)
         keep = op.And(op.Cast(keep, to=onnxscript.BOOL.dtype),
-                      op.Greater(flat, op.Constant(value_float=float("-inf"))))
+                      op.Greater(flat, f64(float("-inf"))))
         keep = op.Transpose(op.Reshape(keep, op.Concat(B, T, H, c, axis=0)), perm=[0, 2, 1, 3])  # (B, H, T, c)
         cols = op.Where(keep, cols, Ks)
         cols, _ = op.TopK(cols, c, axis=-1, largest=0, sorted=1)  # ascending, unused (= K) last

@@ -10,7 +10,9 @@
 #    (reused when already there, e.g. on a second run on a still-warm machine); Triton's kernels are compiled for
 #    typical shapes meanwhile.
 # 3. tests: pytest -m gpu tests/test_runtime_gpu.py on the SEA folder (GPU vs CPU path, generation, no-copy).
-# 4. bench: python -m sea_edge.runtime.bench_gpu (prefill time and peak GPU memory, SEA vs dense, T = 4096, 16384,
+# 4. bisect (only when PARTS names it): python -m sea_edge.runtime.bisect_ep on the prefill and the decode graph at
+#    BISECT_T (default 256) tokens, every segment on the CUDA provider against the CPU one.
+# 5. bench: python -m sea_edge.runtime.bench_gpu (prefill time and peak GPU memory, SEA vs dense, T = 4096, 16384,
 #    32768; agreement; no-copy evidence), which skips what cannot finish before the deadline.
 #
 # Environment: OUT (required). ORT_GPU_DIR, DEPS_DIR: folders (pip install --target) put first on PYTHONPATH, the
@@ -95,6 +97,15 @@ fi
 
 if [[ -n $dense_pid ]]; then
   wait "$dense_pid"; log "dense export: exit $? ($(tail -1 "$OUT/export_dense.log" | cut -c1-200))"
+fi
+
+if has bisect; then  # each segment on the CUDA provider against the CPU one, same inputs (runtime/bisect_ep.py)
+  for mode in prefill decode; do
+    flag=(); [[ $mode == decode ]] && flag=(--decode)
+    timeout 240 $PY -m sea_edge.runtime.bisect_ep "$WORK/sea" --seq-len "${BISECT_T:-256}" ${flag[@]+"${flag[@]}"} \
+      --out "$OUT/bisect_${mode}_${BISECT_T:-256}.json" 2>&1 | tee "$OUT/bisect_${mode}_${BISECT_T:-256}.txt"
+    log "bisect $mode: exit ${PIPESTATUS[0]}"
+  done
 fi
 
 if has bench; then
