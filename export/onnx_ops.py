@@ -192,12 +192,17 @@ def custom_translation_table() -> dict:
         With t = H*K - (h*K + j) in [1, 2^23): a score v != 0 becomes v * (1 + sign(v) t 2^-48), which moves v by
         less than half an fp32 step (2^-24 relative) and keeps distinct t apart by 8 fp64 steps; a zero becomes
         t 2^-1000, between every negative and every positive fp32 number and still a normal fp64 (no denormals);
-        -inf stays -inf (those never count: keep requires a finite score)."""
+        -inf (a column outside the row's span) becomes -2^1000 moved the same way, below every real score: the keys
+        TopK ranks are all finite, since the CUDA provider's TopK returns wrong values and out-of-range indices for
+        k = n > 1024 when -inf is among them (onnxruntime-gpu 1.31.1 on an H200, f32 and f64:
+        runtime/results/gpu_h200/topk_probe.json), the very case of the candidates' full ranking at short lengths.
+        Such columns never count: keep requires a key above -2^999."""
         HK = op.Mul(H, K)  # H, K: 1-d sizes
         n = op.Range(op.Constant(value_int=0), op.Squeeze(HK), op.Constant(value_int=1))
         t = op.Cast(op.Sub(HK, n), to=DOUBLE)  # (H*K,): H*K .. 1
         t = op.Reshape(t, op.Concat(ints(1), H, ints(1), K, axis=0))  # (1, H, 1, K)
         v = op.Cast(p, to=DOUBLE)
+        v = op.Where(op.IsInf(v, detect_positive=0), f64(-(2.0 ** 1000)), v)
         zero, one = f64(0.0), f64(1.0)
         step = op.Mul(t, f64(2.0 ** -48))
         moved = op.Mul(v, op.Where(op.Greater(v, zero), op.Add(one, step), op.Sub(one, step)))
@@ -239,7 +244,7 @@ def custom_translation_table() -> dict:
         keep = op.ScatterElements(op.Expand(op.Constant(value_int=0), op.Shape(flat)), order,
                                   op.Expand(in_budget, op.Shape(flat)), axis=-1)
         keep = op.And(op.Cast(keep, to=onnxscript.BOOL.dtype),
-                      op.Greater(flat, f64(float("-inf"))))
+                      op.Greater(flat, f64(-(2.0 ** 999))))
         keep = op.Transpose(op.Reshape(keep, op.Concat(B, T, H, c, axis=0)), perm=[0, 2, 1, 3])  # (B, H, T, c)
         cols = op.Where(keep, cols, Ks)
         cols, _ = op.TopK(cols, c, axis=-1, largest=0, sorted=1)  # ascending, unused (= K) last
