@@ -83,9 +83,16 @@ def test_cuda_prefill_matches_cpu(cpu, gpu, windows):
     ref = cpu.prefill_logits(windows)
     got = gpu.prefill_logits(windows)
     agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
-    diff = float(np.abs(got - ref).max())
-    print(f"GPU vs CPU prefill: top-1 {agree:.4%} of {ref.shape[0] * ref.shape[1]}, max |diff| {diff:.3g}")
-    assert agree >= 0.99 and diff < 0.05
+    per_pos = np.abs(got - ref).max(-1).ravel()
+    print(f"GPU vs CPU prefill: top-1 {agree:.4%} of {per_pos.size}, |logit diff| per position: median "
+          f"{np.median(per_pos):.3g}, max {per_pos.max():.3g}")
+    # The kept keys are a discrete choice over fp32 scores that cuBLAS and MLAS sum in other orders, so a score near
+    # a tie may keep another key and move that position's logits by up to ~2 (measured on an H200 with cb552da:
+    # 0 of 1024 positions above 0.05 at T = 256, 120 of 1024 at T = 512, max 1.9, top-1 99.9%). Where the same keys
+    # are kept, the logits agree to fp32 rounding: the median position stays near 1e-4 (measured 4.2e-5 at 256,
+    # 2.1e-4 at 512). The CUDA TopK bug of a1dff17 (wrong keys wherever a row's ranking held -inf) gave top-1 82%
+    # at T = 256.
+    assert agree >= 0.99 and np.median(per_pos) < 2e-3
 
 
 def test_cuda_torch_reference_in_place_of_triton(exported_default, gpu, windows):
