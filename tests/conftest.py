@@ -5,7 +5,13 @@ Every test sees the same objects: a test that patches or changes a model must pu
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Packaged teachers load once per test process and are deep-copied after that (sea_edge/teacher.py: CACHE_ENV);
+# subprocesses the tests start inherit it.
+os.environ.setdefault("SEA_EDGE_TEACHER_CACHE", "1")
 
 
 @pytest.fixture(scope="session")

@@ -59,6 +59,24 @@ def test_dtype():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+def test_cache_hands_out_independent_copies(monkeypatch):
+    from sea_edge.teacher import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, "1")
+    a, tok_a = load_teacher("minilm-l6")
+    with torch.no_grad():
+        a.embeddings.word_embeddings.weight.zero_()  # a caller changing its copy
+    tok_a.model_max_length = 7
+    b, tok_b = load_teacher("minilm-l6")
+    monkeypatch.setenv(CACHE_ENV, "0")
+    fresh, _ = load_teacher("minilm-l6")
+    assert b is not a and tok_b is not tok_a and tok_b.model_max_length != 7
+    assert not b.training and b.config._name_or_path == "minilm-l6"
+    ref, got = fresh.state_dict(), b.state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert got["embeddings.word_embeddings.weight"].abs().sum() > 0
+
+
 def _save_tokenizer(folder):
     from transformers import AutoTokenizer
 
