@@ -7,6 +7,7 @@ real thing (prefill logits, greedy generation with the KV cache and SEA state, b
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,22 @@ def _backends():
     except ImportError:
         pass
     return out
+
+
+def test_cuda_backend_limits_the_cublas_workspace(monkeypatch):
+    pytest.importorskip("torch")
+    from sea_edge.runtime.executor import CUBLAS_WORKSPACE, TorchBackend, limit_cublas_workspace
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    TorchBackend("cpu", "torch")
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # the CPU backend leaves cuBLAS alone
+    try:
+        TorchBackend("cuda", "torch")
+    except SeaEdgeError:  # no GPU here: set all the same, before torch could start cuBLAS
+        pass
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE == ":0:0"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # the caller's choice stands
+    assert limit_cublas_workspace() == ":4096:8" and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
 def test_sparse_attention_np_matches_the_reference():
