@@ -218,7 +218,7 @@ def _quantize(model, prefill, decode, scheme: str) -> dict:
             table.copy_(dequantize_weight(codes, scales, "int8", embed.block_size, tuple(table.shape)))
         reports.append(embed)
     attach_functions(prefill)  # the default opset may have been raised (blocked DequantizeLinear needs 21)
-    attach_functions(decode)
+    attach_functions(decode, row_chunk=None)
     before = sum(r.bytes_before for r in reports)
     after = sum(r.bytes_after for r in reports)
     return {"scheme": scheme, "block_size": block, "targets": "all Linear layers (teacher and SEA estimators)" + (

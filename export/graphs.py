@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 from sea_edge.runtime.manifest import LOGITS_TO_KEEP
 
 from .model import STATE_KINDS, BertEncoder, LlamaDecode, LlamaPrefill, io_names
-from .onnx_ops import attach_functions, custom_translation_table
+from .onnx_ops import ROW_CHUNK, attach_functions, custom_translation_table
 
 __all__ = ["DEBUG_METADATA", "LOGITS_TO_KEEP", "add_logits_to_keep", "export_prefill", "export_decode",
            "export_encoder", "save_pair", "save_one",
@@ -85,7 +85,8 @@ def _quiet():
         yield
 
 
-def _export(module, args, dynamic_shapes, names, opset: int) -> onnx.ModelProto:
+def _export(module, args, dynamic_shapes, names, opset: int,
+            row_chunk: int | None = ROW_CHUNK) -> onnx.ModelProto:
     """torch.onnx dynamo export. optimize=False: onnxscript's rewriter took half the export time (minutes for 30
     layers on 2 cores) for rewrites onnxruntime's own graph optimizer does again when a session opens."""
     ins, outs = names
@@ -96,7 +97,7 @@ def _export(module, args, dynamic_shapes, names, opset: int) -> onnx.ModelProto:
     proto = prog.model_proto
     proto.ir_version = min(proto.ir_version, 9 if opset <= 20 else 10)  # IR 9: onnxruntime >= 1.16 reads it
     _fold_weight_transposes(proto)
-    return attach_functions(proto, opset)
+    return attach_functions(proto, opset, row_chunk)
 
 
 def _fold_weight_transposes(model: onnx.ModelProto) -> None:
@@ -197,7 +198,9 @@ def export_decode(model, opset: int) -> onnx.ModelProto:
     past = tuple(out[1:])
     per_layer = [{0: B, 2: P}, {0: B, 2: P}, {0: B}, {0: B}, {0: B}]
     dyn = ({0: B}, {0: B, 1: P + 1}, {0: B}, tuple(per_layer * n))  # *past_flat is one tuple argument
-    return _export(LlamaDecode(model).eval(), (ids, mask, pos, *past), dyn, io_names(n, True), opset)
+    # one row per sequence: the SparseAttention body without its Scan (onnx_ops.sparse_attention_function)
+    return _export(LlamaDecode(model).eval(), (ids, mask, pos, *past), dyn, io_names(n, True), opset,
+                   row_chunk=None)
 
 
 def _digest(t: onnx.TensorProto) -> str:

@@ -140,7 +140,7 @@ def _weight_only(src: Path, tmp: Path, scheme: str, accuracy_level: int) -> dict
     # the tied table: int8 under every scheme (quantize_onnx.EMBED_BITS says why)
     embed = quantize_embedding_pair(prefill, decode, accuracy_level)
     attach_functions(prefill)  # the default opset may have been raised (blocked DequantizeLinear needs 21)
-    attach_functions(decode)
+    attach_functions(decode, row_chunk=None)
     save_pair(prefill, decode, tmp / PREFILL, tmp / DECODE, WEIGHTS)
     if embed is not None:
         reports.append(embed)
@@ -165,7 +165,7 @@ def _dynamic_int8(src: Path, tmp: Path, preset: str) -> dict:
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
     from .graphs import save_pair
-    from .onnx_ops import attach_functions
+    from .onnx_ops import ROW_CHUNK, attach_functions
 
     work = Path(tempfile.mkdtemp(dir=tmp.parent, prefix=".quant-work."))
     graphs = {}
@@ -182,7 +182,7 @@ def _dynamic_int8(src: Path, tmp: Path, preset: str) -> dict:
             q.quantize(save_dir=work / name, quantization_config=cfg, use_external_data_format=True)
             out = next((work / name).glob("*.onnx"))
             m = onnx.load(str(out))
-            graphs[name] = attach_functions(m)
+            graphs[name] = attach_functions(m, row_chunk=None if name == DECODE else ROW_CHUNK)
         # the quantizer is deterministic: both graphs hold the same quantized weights, stored once
         save_pair(graphs[PREFILL], graphs[DECODE], tmp / PREFILL, tmp / DECODE, WEIGHTS)
     finally:

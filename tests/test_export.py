@@ -31,7 +31,7 @@ def _session(model_or_path):
 
 # -- the SparseAttention function body ----------------------------------------------------------------------------
 
-def _sparse_attention_model(opset=18):
+def _sparse_attention_model(opset=18, row_chunk=64):
     from sea_edge.export.onnx_ops import DOMAIN, OP, register_schema, sparse_attention_function
 
     register_schema()
@@ -43,14 +43,17 @@ def _sparse_attention_model(opset=18):
         + [helper.make_tensor_value_info("idx", TensorProto.INT32, dims("i"))],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, dims("q"))])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
-                             functions=[sparse_attention_function(opset)], ir_version=9)
+                             functions=[sparse_attention_function(opset, row_chunk)], ir_version=9)
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,T,S,D,w", [(2, 6, 2, 111, 111, 60, 40), (1, 9, 3, 1, 77, 64, 16),
                                              (1, 4, 4, 130, 200, 32, 8), (1, 3, 1, 63, 63, 16, 1)],
                          ids=lambda x: str(x))
-def test_function_body_matches_reference(B, Hq, Hkv, T, S, D, w):
-    m = _sparse_attention_model()
+@pytest.mark.parametrize("row_chunk", [64, None], ids=["scan", "rows-at-once"])
+def test_function_body_matches_reference(B, Hq, Hkv, T, S, D, w, row_chunk):
+    """Both bodies: the Scan over blocks of 64 rows (prefill) and every row at once (the decode graph's)."""
+    m = _sparse_attention_model(row_chunk=row_chunk)
+    assert any(n.op_type == "Scan" for n in m.functions[0].node) == (row_chunk is not None)
     onnx.checker.check_model(m, full_check=True)
     sess = _session(m)
     g = torch.Generator().manual_seed(T * 7 + S)
