@@ -188,6 +188,14 @@ def _first_index(g: onnx.GraphProto, nodes) -> int:
     return i
 
 
+def _replace(g: onnx.GraphProto, node: onnx.NodeProto, new: list) -> None:
+    """`node` (found by identity, see _first_index) gives its place in g.node to the nodes `new`."""
+    pos = _first_index(g, [node])
+    del g.node[pos]
+    for i, n in enumerate(new):
+        g.node.insert(pos + i, n)
+
+
 def quantize_matmul_weights(
     model: onnx.ModelProto,
     scheme: str,
@@ -384,10 +392,7 @@ def _replace_matmuls(g: onnx.GraphProto, nodes, fresh, make) -> None:
             add = helper.make_node("Add", [out, bias], [node.output[0]], name=fresh(f"{node.name}_bias"))
             add.metadata_props.extend(node.metadata_props)
             new.append(add)
-        pos = _first_index(g, [node])  # again: make may have added nodes (int4's block-sum matrix) before it
-        del g.node[pos]
-        for i, n in enumerate(new):
-            g.node.insert(pos + i, n)
+        _replace(g, node, new)  # found only now: make may have added nodes (int4's block-sum matrix) before it
 
 
 # -- the tied embedding / lm_head ------------------------------------------------------------------------------------
@@ -479,8 +484,7 @@ def quantize_tied_embedding(model: onnx.ModelProto, scheme: str, block_size: int
         new = helper.make_node("GatherBlockQuantized", [q_name, n.input[1], s_name], list(n.output),
                                name=names(f"{n.name or 'gather'}_q"), domain=_MS_DOMAIN, gather_axis=0,
                                quantize_axis=1, block_size=B, bits=bits)
-        g.node.insert(_first_index(g, [n]), new)
-        g.node.remove(n)
+        _replace(g, n, [new])
     b3 = names(f"{init.name}_blocks")
     first = _first_index(g, [t for t, _ in heads])
     g.node.insert(first, helper.make_node("Reshape", [q_name, shp_name], [b3], name=names("lm_head_blocks")))
@@ -488,10 +492,9 @@ def quantize_tied_embedding(model: onnx.ModelProto, scheme: str, block_size: int
         new = helper.make_node("MatMulNBits", [mm.input[0], b3, s_name], list(mm.output),
                                name=names(f"{mm.name or 'lm_head'}_nbits"), domain=_MS_DOMAIN, K=E, N=V, bits=bits,
                                block_size=B, accuracy_level=accuracy_level)
-        g.node.insert(_first_index(g, [mm]), new)
-        g.node.remove(mm)
-        if t in g.node:
-            g.node.remove(t)
+        _replace(g, mm, [new])
+        if any(x is t for x in g.node):  # a Transpose read by several heads goes with the first
+            _replace(g, t, [])
     _add_opset(model, _MS_DOMAIN, 1)
     return WeightReport(name=init.name, initializer=init.name, shape=(V, E), scheme=scheme, block_size=B,
                         bytes_before=W.nbytes, bytes_after=codes.nbytes + scales.nbytes)
