@@ -163,6 +163,24 @@ def test_average_context_bidirectional_uniform():
     assert torch.allclose(ctx[0, :, 0].double(), exp, atol=1e-6)
 
 
+@pytest.mark.parametrize("T", [1, 5, 23])
+def test_average_context_causal_is_running_mean(T):
+    """Causal average context: query t (position S - T + t) gets the mean of the valid values at positions <= its
+    own, GQA heads reading their key/value head; the keys before the first query included (a decode step, T = 1)."""
+    B, H, Hkv, S, D, K = 2, 6, 2, 23, 8, 16
+    g = torch.Generator().manual_seed(T)
+    v = torch.randn(B, Hkv, S, D, generator=g)
+    valid = torch.rand(B, S, generator=g) > 0.3
+    valid[:, 0] = True
+    probs = torch.full((B, H, T, K), 1.0 / K)
+    ctx = average_context(v, probs, valid, causal=True, n_heads=H)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                keys = valid[b, : S - T + t + 1].nonzero()[:, 0]
+                exp = v[b, h // (H // Hkv), keys].double().mean(0)
+                assert torch.allclose(ctx[b, h, t].double(), exp, atol=1e-6), (b, h, t)
+
 def test_selectable_columns_partition_keys():
     """Each causal row's non-empty columns partition exactly its keys [0, pos]."""
     from sea_edge.kernels import column_spans
