@@ -179,13 +179,16 @@ def custom_translation_table() -> dict:
 
     register_schema()  # onnxscript looks the op up in onnx's schema registry
     sea = onnxscript.values.Opset(DOMAIN, VERSION)
-    INT64, FLOAT, DOUBLE = onnxscript.INT64.dtype, onnxscript.FLOAT.dtype, onnxscript.DOUBLE.dtype
+    INT64, INT32, DOUBLE = onnxscript.INT64.dtype, onnxscript.INT32.dtype, onnxscript.DOUBLE.dtype
 
     def ints(*v):
         return op.Constant(value_ints=list(v))
 
     def f64(x: float):
         return op.Constant(value=helper.make_tensor("value", TensorProto.DOUBLE, [], [x]))
+
+    def i32(x: int):
+        return op.Constant(value=helper.make_tensor("value", TensorProto.INT32, [], [x]))
 
     def i64(x):
         """A python int or a symbolic size (an int64 value of the graph) -> 1-d int64 of one element."""
@@ -196,30 +199,30 @@ def custom_translation_table() -> dict:
     def sparse_attention(q, k, v, idx, scale: float):
         return sea.SparseAttention(q, k, v, idx, scale=float(scale))
 
-    def _distinct_keys(p, H, K):
-        """Fp32 scores (B, H, T, K) -> fp64 keys that order as the scores do, with every tie broken towards the
-        lower (head, column): the reference's stable sorts. TopK's order among equal values is the provider's
-        choice (the CUDA provider's differs from the CPU's, and at short lengths many scores are equal: zeros
-        from the softmax, -inf for empty columns), so the selection must not depend on it.
+    def _distinct_keys(probs, selectable, H, K):
+        """Softmax probabilities (B, H, T, K), all >= 0, and the row's selectable columns (T, K) -> fp64 keys that
+        order as the probabilities do, with every tie broken towards the lower (head, column): the reference's
+        stable sorts. TopK's order among equal values is the provider's choice (the CUDA provider's differs from
+        the CPU's, and at short lengths many scores are equal: zeros from the softmax, unselectable columns), so
+        the selection must not depend on it.
 
-        With t = H*K - (h*K + j) in [1, 2^23): a score v != 0 becomes v * (1 + sign(v) t 2^-48), which moves v by
-        less than half an fp32 step (2^-24 relative) and keeps distinct t apart by 8 fp64 steps; a zero becomes
-        t 2^-1000, between every negative and every positive fp32 number and still a normal fp64 (no denormals);
-        -inf (a column outside the row's span) becomes -2^1000 moved the same way, below every real score: the keys
-        TopK ranks are all finite, since the CUDA provider's TopK returns wrong values and out-of-range indices for
-        k = n > 1024 when -inf is among them (onnxruntime-gpu 1.31.1 on an H200, f32 and f64:
-        runtime/results/gpu_h200/topk_probe.json), the very case of the candidates' full ranking at short lengths.
-        Such columns never count: keep requires a key above -2^999."""
+        With t = H*K - (h*K + j) in [1, 2^23): a selectable p becomes p (1 + t 2^-48) + t 2^-1000. For p > 0 (at
+        least 2^-149, fp32's smallest) the product moves p by less than half an fp32 step (2^-24 relative) and
+        keeps distinct t apart by 8 fp64 steps, and the added term is far below half an fp64 step of it (it
+        changes nothing); a zero becomes t 2^-1000, between 0 and every positive fp32 number, a normal fp64. A
+        column outside the row's span becomes -2^1000 (1 - t 2^-48), below every real key and finite: the CUDA
+        provider's TopK returns wrong values and out-of-range indices for k = n > 1024 when -inf is among the
+        values (onnxruntime-gpu 1.31.1 on an H200, f32 and f64: runtime/results/gpu_h200/topk_probe.json), the
+        very case of the candidates' full ranking at short lengths. Such columns never count: keep requires a key
+        above -2^999. Four ops on (B, H, T, K) fp64 (Cast, Mul, Add, Where): the general form with sign, zero and
+        -inf tests took ten, about 2 s of a 30 s prefill at T = 4096 on 2 cores."""
         HK = op.Mul(H, K)  # H, K: 1-d sizes
         n = op.Range(op.Constant(value_int=0), op.Squeeze(HK), op.Constant(value_int=1))
         t = op.Cast(op.Sub(HK, n), to=DOUBLE)  # (H*K,): H*K .. 1
         t = op.Reshape(t, op.Concat(ints(1), H, ints(1), K, axis=0))  # (1, H, 1, K)
-        v = op.Cast(p, to=DOUBLE)
-        v = op.Where(op.IsInf(v, detect_positive=0), f64(-(2.0 ** 1000)), v)
-        zero, one = f64(0.0), f64(1.0)
-        step = op.Mul(t, f64(2.0 ** -48))
-        moved = op.Mul(v, op.Where(op.Greater(v, zero), op.Add(one, step), op.Sub(one, step)))
-        return op.Where(op.Equal(v, zero), op.Mul(t, f64(2.0 ** -1000)), moved)
+        one, step = f64(1.0), op.Mul(t, f64(2.0 ** -48))
+        kept = op.Add(op.Mul(op.Cast(probs, to=DOUBLE), op.Add(one, step)), op.Mul(t, f64(2.0 ** -1000)))
+        return op.Where(selectable, kept, op.Mul(f64(-(2.0 ** 1000)), op.Sub(one, step)))
 
     def sparse_index(probs, key_valid, n_cols, head_cap, S, causal: bool, n_keys: int, span):
         """kernels.reference.sparse_index_ref in ONNX: select_columns_ref then expand_columns_ref."""
@@ -238,8 +241,7 @@ def custom_translation_table() -> dict:
         j = op.Range(op.Constant(value_int=0), Ks, op.Constant(value_int=1))  # (K,)
         selectable = op.Greater(op.Div(op.Mul(op.Add(j, op.Constant(value_int=1)), Lc), Ks),
                                 op.Div(op.Mul(j, Lc), Ks))  # (T, K)
-        p = op.Where(selectable, op.Cast(probs, to=FLOAT), op.Constant(value_float=float("-inf")))
-        p = _distinct_keys(p, H, K)
+        p = _distinct_keys(probs, selectable, H, K)
         # (1) each head's top c columns; (2) the top n_row of the H*c candidates of a token, head-major
         c = op.Min(head_cap, K)
         vals, cols = op.TopK(p, c, axis=-1, largest=1, sorted=1)  # (B, H, T, c)
@@ -262,19 +264,21 @@ def custom_translation_table() -> dict:
         cols = op.Where(keep, cols, Ks)
         cols, _ = op.TopK(cols, c, axis=-1, largest=0, sorted=1)  # ascending, unused (= K) last
         cols = op.Where(op.Equal(cols, Ks), op.Constant(value_int=-1), cols)
-        # interpolation: column j of a row covers keys [floor(j L / K), floor((j + 1) L / K))
+        # interpolation: column j of a row covers keys [floor(j L / K), floor((j + 1) L / K)); the products in
+        # int64 (j L can pass 2^31 at long context), the (B, H, T, c, span) keys and their compaction in int32, the
+        # output's type (half the bytes of int64 on the largest tensors of the mask)
         colc = op.Max(cols, op.Constant(value_int=0))
         L4 = op.Reshape(L, op.Constant(value_ints=[1, 1, -1, 1]))
-        start = op.Div(op.Mul(colc, L4), Ks)
-        end = op.Div(op.Mul(op.Add(colc, op.Constant(value_int=1)), L4), Ks)
-        key = op.Add(op.Unsqueeze(start, ints(-1)), op.Range(op.Constant(value_int=0), op.Squeeze(span),
-                                                          op.Constant(value_int=1)))  # (B, H, T, c, span)
+        start = op.Cast(op.Div(op.Mul(colc, L4), Ks), to=INT32)
+        end = op.Cast(op.Div(op.Mul(op.Add(colc, op.Constant(value_int=1)), L4), Ks), to=INT32)
+        key = op.Add(op.Unsqueeze(start, ints(-1)), op.Range(i32(0), op.Cast(op.Squeeze(span), to=INT32),
+                                                          i32(1)))  # (B, H, T, c, span)
         ok = op.And(op.Unsqueeze(op.GreaterOrEqual(cols, op.Constant(value_int=0)), ints(-1)),
                     op.Less(key, op.Unsqueeze(end, ints(-1))))
         if key_valid is not None:
-            kv = op.Cast(key_valid, to=INT64)  # (B, S)
-            got = op.GatherElements(kv, op.Reshape(op.Min(key, op.Sub(S, one)), op.Concat(B, ints(-1), axis=0)),
-                                    axis=1)
+            kv = op.Cast(key_valid, to=INT32)  # (B, S)
+            last = op.Cast(op.Sub(S, one), to=INT32)
+            got = op.GatherElements(kv, op.Reshape(op.Min(key, last), op.Concat(B, ints(-1), axis=0)), axis=1)
             ok = op.And(ok, op.Cast(op.Reshape(got, op.Shape(key)), to=onnxscript.BOOL.dtype))
         # Compaction: valid keys keep their (ascending) order and move to the front, holes (-1) after. A cumulative
         # count gives each valid key its slot; holes are all written to one extra slot that is cut off. (Not a
@@ -283,13 +287,12 @@ def custom_translation_table() -> dict:
         shape4 = op.Concat(B, H, T, w, axis=0)
         ok = op.Reshape(ok, shape4)
         key = op.Reshape(key, shape4)
-        slot = op.Sub(op.CumSum(op.Cast(ok, to=INT64), op.Constant(value_int=-1)), op.Constant(value_int=1))
-        slot = op.Where(ok, slot, op.Squeeze(w))  # holes -> the extra slot w
-        minus1 = op.Constant(value_int=-1)
+        slot = op.Sub(op.CumSum(op.Cast(ok, to=INT32), op.Constant(value_int=-1)), i32(1))
+        slot = op.Where(ok, slot, op.Cast(op.Squeeze(w), to=INT32))  # holes -> the extra slot w
+        minus1 = i32(-1)
         dst = op.Expand(minus1, op.Concat(B, H, T, op.Add(w, one), axis=0))
-        idx = op.ScatterElements(dst, slot, op.Where(ok, key, minus1), axis=-1)  # (B, H, T, w + 1)
-        idx = op.Slice(idx, ints(0), w, ints(3))
-        return op.Cast(idx, to=onnxscript.INT32.dtype)
+        idx = op.ScatterElements(dst, slot, op.Where(ok, key, minus1), axis=-1)  # (B, H, T, w + 1) int32
+        return op.Slice(idx, ints(0), w, ints(3))
 
     return {
         torch.ops.sea_edge.sparse_attention.default: sparse_attention,
