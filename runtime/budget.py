@@ -7,8 +7,8 @@ behind `sea-edge budget` (JSON, a rich table, a PNG).
     rich.print(render_table(rep)); plot_budget(rep, "budget.png")
 
 Shapes: B batch, T tokens of the prefill (S = T keys), L layers, H / Hkv query / key-value heads, D head dim, E hidden,
-I MLP width, V vocabulary, K compressed width, m Performer features, W = D + K + 1, C decoder channels, r decoder
-ratio, c = head_cap and w = head_cap * span (sea_edge.config.budget: the per-row key list width).
+I MLP width, V vocabulary, K compressed width, m Performer features, W = D + eye columns (K by default) + 1, C decoder
+channels, r decoder ratio, c = head_cap and w = head_cap * span (sea_edge.config.budget: the per-row key list width).
 
 What the analytic model counts (bytes at the peak of one prefill; fp32 activations whatever the weight dtype):
 
@@ -325,6 +325,8 @@ class ModelDims:
     head_cap_factor: float | None = None
     performer_chunk: int | None = None
     budget_length: int | None = None
+    eye_width: int | None = None
+    """Performer eye columns (SEAConfig.eye_width; None = compressed_width)."""
     mask_final_sort: bool = True
     """The prefill graph orders each row's keys with a final TopK whose unread values, (B, H, T, w) int64, onnxruntime
     holds to the end of the run (manifest graphs.prefill "unused_topk_retained", true for exports before the mask's
@@ -379,6 +381,7 @@ def model_dims(folder_or_manifest: str | Path | dict) -> ModelDims:
                         n_features=int(sm["n_features"]), decoder_channels=int(sm["decoder_channels"]),
                         decoder_ratio=int(sm["decoder_ratio"]), head_cap_factor=float(sea["head_cap_factor"]),
                         performer_chunk=int(sea["performer_chunk"]), budget_length=sea.get("budget_length"),
+                        eye_width=sea.get("eye_width"),
                         mask_final_sort=bool(man["graphs"]["prefill"].get("unused_topk_retained", True)))
     except (KeyError, TypeError, ValueError) as exc:
         raise SeaEdgeError(f"manifest lacks what the memory model needs: {exc!r}") from None
@@ -447,7 +450,7 @@ def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = N
         logits += V * E * f32  # MatMulNBits' fp32 copy of the 8-bit lm_head table, during the lm_head (ModelDims)
     if attention == "sea":
         K, m, C, r = dims.compressed_width, dims.n_features, dims.decoder_channels, dims.decoder_ratio
-        W = D + K + 1
+        W = D + (dims.eye_width or K) + 1
         _, c, span = mask_budget(dims, S)
         w = c * span
         comp["sea_state"] = L * B * (Hkv * m * W + 2 * H * C * 2 * (K // r)) * f32

@@ -29,6 +29,11 @@ class SEAConfig:
     head_cap_factor: float = 2.0
     """A head may take at most this many times its fair share of the shared budget; this bounds the width of the
     per-row key lists (ELL layout) while heads that need more keys still get more (SEA.md step 4)."""
+    eye_width: int | None = None
+    """Columns of the Performer's "eye" basis (SEA.md step 1); None = K. Causal: the columns split the model's
+    max positions, so one holds max_positions / eye_width keys (32 for SmolLM2 at K = 256), while a mask column
+    of a row at T holds T / K keys (8 at T = 2048): the estimate cannot tell apart the mask columns inside one eye
+    column. A wider eye resolves them, at (D + eye_width + 1) / (D + K + 1) times the Performer's cost."""
     performer_chunk: int = 128
     """Tokens per block of the causal Performer prefix sum: bounds memory at (chunk x chunk) per head."""
     budget_length: int | None = None
@@ -58,6 +63,8 @@ class SEAConfig:
             raise ValueError(f"head_cap_factor must be >= 1, got {self.head_cap_factor}")
         if self.budget_length is not None and self.budget_length < 1:
             raise ValueError(f"budget_length must be >= 1, got {self.budget_length}")
+        if self.eye_width is not None and self.eye_width < 1:
+            raise ValueError(f"eye_width must be >= 1, got {self.eye_width}")
         if self.performer_chunk < 1:
             raise ValueError(f"performer_chunk must be >= 1, got {self.performer_chunk}")
 

@@ -58,12 +58,13 @@ class SEAEstimator(nn.Module):
             raise ValueError("SEAEstimator needs a resolved SEAConfig (call cfg.resolve(causal, head_dim))")
         D, K, m, C = head_dim, cfg.compressed_width, cfg.n_features, cfg.decoder_channels
         self.cfg, self.D, self.K, self.m, self.C = cfg, D, K, m, C
+        self.E = cfg.eye_width or K  # eye basis columns
         self.causal = cfg.causal
         self.max_positions = max_positions
         self.proj = nn.Parameter(_orthogonal_gaussian(m, D))  # (m, D) Performer projection, trainable
         width = 2 * D  # encoder feature width (SEA.md step 2)
-        self.in_norm = nn.LayerNorm(2 * D + K)
-        self.encoder = nn.Sequential(nn.Linear(2 * D + K, width), nn.GELU(), nn.Linear(width, width))
+        self.in_norm = nn.LayerNorm(2 * D + self.E)
+        self.encoder = nn.Sequential(nn.Linear(2 * D + self.E, width), nn.GELU(), nn.Linear(width, width))
         self.head_embed = nn.Parameter(torch.zeros(n_heads, width))
         self.to_rows = nn.Linear(width, C * (K // cfg.decoder_ratio))
         self.conv1 = nn.Conv2d(C, C, 3)
@@ -90,14 +91,14 @@ class SEAEstimator(nn.Module):
         """The "eye" basis (SEA.md step 1): one-hot of each key's compressed column. Bidirectional: K columns over
         the S keys. Causal: over the model's max positions, so a key's column never depends on later tokens."""
         L = self.max_positions if self.causal else S
-        col = torch.clamp(torch.div(positions * self.K, L, rounding_mode="floor"), max=self.K - 1)
-        return F.one_hot(col, self.K).float()  # (S, K)
+        col = torch.clamp(torch.div(positions * self.E, L, rounding_mode="floor"), max=self.E - 1)
+        return F.one_hot(col, self.E).float()  # (S, E)
 
     def performer(self, q, k, v, key_valid=None, state=None):
-        """Linear-time attention of q over [v, eye] (SEA.md step 1). Returns ((B, H, T, D + K), new state).
+        """Linear-time attention of q over [v, eye] (SEA.md step 1), E eye columns. Returns ((B, H, T, D + E), new state).
 
         q (B, H, T, D); k, v (B, Hkv, S, D); key_valid (B, S) bool or None. Causal only: `state` (B, Hkv, m, W),
-        W = D + K + 1, is the sum of phi(key) [v, eye, 1] over the first S - T keys (a decode step carries it
+        W = D + E + 1, is the sum of phi(key) [v, eye, 1] over the first S - T keys (a decode step carries it
         instead of re-reading the whole cache); the new state covers all S keys. Bidirectional: state is None.
         """
         B, H, T, D = q.shape
@@ -111,10 +112,10 @@ class SEAEstimator(nn.Module):
         pos = torch.arange(first, S, device=q.device)
         n = S - first
         ones = torch.ones(B, Hkv, n, 1, device=q.device)
-        vals = torch.cat([v[:, :, first:].float(), self._eye(pos, S).expand(B, Hkv, n, self.K), ones], dim=-1)
+        vals = torch.cat([v[:, :, first:].float(), self._eye(pos, S).expand(B, Hkv, n, self.E), ones], dim=-1)
         if not self.causal:
-            kv = kf.transpose(-1, -2) @ vals  # (B, Hkv, m, D+K+1)
-            num, new_state = qf @ kv.unsqueeze(2), None  # (B, Hkv, g, T, D+K+1)
+            kv = kf.transpose(-1, -2) @ vals  # (B, Hkv, m, D+E+1)
+            num, new_state = qf @ kv.unsqueeze(2), None  # (B, Hkv, g, T, D+E+1)
         else:
             off = S - T - first  # keys before query 0 that are not in a state yet (0 when one is given)
             if state is None:
@@ -161,7 +162,7 @@ class SEAEstimator(nn.Module):
         first S - T positions left (EstimatorOutput.state is the same after all S)."""
         B, H, T, D = q.shape
         perf, rows1, rows2 = state if state is not None else (None, None, None)
-        ctx, perf = self.performer(q, k, v, key_valid, perf)  # (B, H, T, D+K)
+        ctx, perf = self.performer(q, k, v, key_valid, perf)  # (B, H, T, D+E)
         x = torch.cat([ctx, F.normalize(q.float(), dim=-1)], dim=-1)
         feat = self.encoder(self.in_norm(x)) + self.head_embed[:, None, :]  # (B, H, T, 2D)
         img = self.to_rows(feat).view(B * H, T, self.C, -1).permute(0, 2, 1, 3)  # (B*H, C, T, K/r)

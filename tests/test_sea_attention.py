@@ -253,17 +253,19 @@ def test_budget_length_fixes_the_layout_not_the_result():
         sparse_index_ref(probs, n_cols, head_cap, T, True, span=4)
 
 
-@pytest.mark.parametrize("chunk", [128, 7], ids=["chunk128", "chunk7"])
-def test_decode_steps_carry_the_state_of_a_prefill(chunk):
+@pytest.mark.parametrize("chunk, eye", [(128, None), (7, None), (7, 80)], ids=["chunk128", "chunk7", "chunk7-eye80"])
+def test_decode_steps_carry_the_state_of_a_prefill(chunk, eye):
     """sea_attention_step: a prefill of 66 positions then one step per position (the Performer prefix sums and the
     decoder CNN's last rows carried as state) gives the rows of one prefill of all 90, with padding on one row.
-    K = 32: every S in 65..96 has the same budget (columns of up to 3 keys), which decode and prefill then share."""
+    K = 32: every S in 65..96 has the same budget (columns of up to 3 keys), which decode and prefill then share.
+    eye 80: a Performer eye basis wider than K (SEAConfig.eye_width) carries the same way."""
     from sea_edge.attention import sea_attention_step
 
     torch.manual_seed(0)
     B, H, Hkv, D, S, P = 2, 6, 2, 32, 90, 66
-    cfg = SEAConfig(k=8, compressed_width=32, performer_chunk=chunk).resolve(True, D)
+    cfg = SEAConfig(k=8, compressed_width=32, performer_chunk=chunk, eye_width=eye).resolve(True, D)
     est = SEAEstimator(cfg, D, H, 512).eval()
+    assert est.in_norm.normalized_shape == (2 * D + (eye or 32),)
     with torch.no_grad():  # a non-trivial decoder (fresh weights start near zero)
         for p in est.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -283,3 +285,4 @@ def test_decode_steps_carry_the_state_of_a_prefill(chunk):
     assert_rel_err(torch.cat(rows, dim=2), full, 1e-5, "prefill + decode steps")
     for a, b in zip(state, end_state):
         assert_rel_err(a, b, 1e-5, "state after the last step")
+    assert state[0].shape[-1] == D + (eye or 32) + 1  # the Performer state: [v, eye, 1] per feature
