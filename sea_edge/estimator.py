@@ -95,7 +95,8 @@ class SEAEstimator(nn.Module):
         return F.one_hot(col, self.E).float()  # (S, E)
 
     def performer(self, q, k, v, key_valid=None, state=None):
-        """Linear-time attention of q over [v, eye] (SEA.md step 1), E eye columns. Returns ((B, H, T, D + E), new state).
+        """Linear-time attention of q over [v, eye] (SEA.md step 1), E eye columns. Returns ((B, H, T, D + E), new
+        state).
 
         q (B, H, T, D); k, v (B, Hkv, S, D); key_valid (B, S) bool or None. Causal only: `state` (B, Hkv, m, W),
         W = D + E + 1, is the sum of phi(key) [v, eye, 1] over the first S - T keys (a decode step carries it
