@@ -8,9 +8,11 @@ if __name__ != "sea_edge.kernels":
     # op.py a second time under that name would register `sea_edge::sparse_attention` twice and break it.
     raise ImportError(f"sea-edge's kernels are imported as sea_edge.kernels, not as {__name__!r}")
 
-from .op import select_columns_op, sparse_attention, sparse_attention_cols, sparse_index_op
+from .op import column_scores, select_columns_op, sparse_attention, sparse_attention_cols, sparse_index_op
 from .reference import (
     check_attention_shapes,
+    column_scores_bwd_ref,
+    column_scores_ref,
     column_spans,
     expand_columns_ref,
     row_columns,
@@ -22,6 +24,7 @@ from .reference import (
 )
 
 _LAZY = {
+    "column_scores_triton": "column_scores",
     "select_columns": "mask",
     "expand_columns": "mask",
     "sparse_index": "mask",
@@ -43,6 +46,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "column_scores",
+    "column_scores_bwd_ref",
+    "column_scores_ref",
+    "column_scores_triton",
     "column_spans",
     "expand_columns",
     "expand_columns_ref",

@@ -14,6 +14,8 @@ import torch
 
 from .reference import (
     check_attention_shapes,
+    column_scores_bwd_ref,
+    column_scores_ref,
     expand_columns_ref,
     select_columns_ref,
     sparse_attention_bwd_ref,
@@ -22,7 +24,7 @@ from .reference import (
     sparse_index_ref,
 )
 
-__all__ = ["select_columns_op", "sparse_attention", "sparse_attention_cols", "sparse_index_op"]
+__all__ = ["column_scores", "select_columns_op", "sparse_attention", "sparse_attention_cols", "sparse_index_op"]
 
 
 @torch.library.custom_op("sea_edge::sparse_attention", mutates_args=())
@@ -205,3 +207,52 @@ def sparse_attention_cols(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, col
     if key_valid is not None:
         key_valid = key_valid.to(torch.bool)
     return _sparse_attention_cols_op(q, k, v, cols.to(torch.int32), key_valid, int(K), bool(causal), float(scale))
+
+
+@torch.library.custom_op("sea_edge::column_scores", mutates_args=())
+def _column_scores_op(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None, K: int, causal: bool,
+                      scale: float) -> torch.Tensor:
+    return column_scores_ref(q, k, K, causal, scale, key_valid)
+
+
+@_column_scores_op.register_kernel("cuda")
+def _(q, k, key_valid, K, causal, scale):
+    from .column_scores import column_scores_triton  # lazy: triton only where CUDA runs
+
+    return column_scores_triton(q, k, K, causal, scale, key_valid)
+
+
+@_column_scores_op.register_fake
+def _(q, k, key_valid, K, causal, scale):
+    B, H, T, _ = q.shape
+    return q.new_empty(B, H, T, K, dtype=torch.float32)
+
+
+def _column_scores_setup_context(ctx, inputs, output):
+    q, k, key_valid, K, causal, scale = inputs
+    ctx.save_for_backward(q, k, key_valid)
+    ctx.K, ctx.causal, ctx.scale = K, causal, scale
+
+
+def _column_scores_backward(ctx, grad):
+    q, k, key_valid = ctx.saved_tensors
+    dq, dk = column_scores_bwd_ref(grad, q, k, ctx.K, ctx.causal, ctx.scale, key_valid)  # torch ops: any device
+    return dq, dk, None, None, None, None
+
+
+torch.library.register_autograd("sea_edge::column_scores", _column_scores_backward,
+                                setup_context=_column_scores_setup_context)
+
+
+def column_scores(q: torch.Tensor, k: torch.Tensor, K: int, causal: bool, scale: float,
+                  key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """`sea_edge::column_scores`: scale * q . (mean valid key of each of the row's K compressed columns),
+    (B, Hq, T, K) fp32, 0 for a column without a valid key (reference.column_scores_ref; Triton on CUDA). The queries
+    are the last T of the S keys' positions. Differentiable in q and k."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"expected q (B, Hq, T, D) and k (B, Hkv, S, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key heads ({k.shape[1]})")
+    if key_valid is not None:
+        key_valid = key_valid.to(torch.bool)
+    return _column_scores_op(q, k, key_valid, int(K), bool(causal), float(scale))

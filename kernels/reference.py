@@ -14,7 +14,8 @@ bidirectional attention and L = pos + 1 for causal attention (the row's K column
 SEA.md step 5). These half-open spans partition [0, L) exactly, so no key is ever listed twice; when L < K some
 spans are empty and those columns can never be selected.
 
-Nothing here allocates a (T x S) tensor: the largest intermediates are (B, H, T, K) and (B, H, T, w).
+Nothing here allocates a (T x S) tensor: the largest intermediates are (B, H, T, K), (B, H, T, w) and a block of
+rows' (B, Hkv, chunk, K + 1, D) gathered prefix sums (column_scores_ref).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ __all__ = [
     "sparse_attention_bwd_ref",
     "sparse_attention_cols_ref",
     "check_attention_shapes",
+    "column_scores_ref",
+    "column_scores_bwd_ref",
 ]
 
 
@@ -231,3 +234,89 @@ def sparse_attention_cols_ref(q, k, v, cols, K: int, causal: bool, scale: float,
     """Sparse attention over the keys that kept compressed columns cols (B, Hq, T, c) stand for (SEA.md steps 5
     and 6 together): sparse_attention_ref over expand_columns_ref(cols, K, S, causal, key_valid)."""
     return sparse_attention_ref(q, k, v, expand_columns_ref(cols, K, k.shape[2], causal, key_valid), scale)
+
+
+def _key_prefix(k, key_valid, dtype=torch.float32):
+    """Prefix sums of the valid keys P (B, Hkv, S + 1, D) in `dtype` and the valid-key counts C (B, S + 1) int64 (None
+    without padding: a column's count is then its span), what column_scores needs besides q."""
+    kf = k.to(dtype) if key_valid is None else k.to(dtype) * key_valid[:, None, :, None].to(dtype)
+    P = torch.nn.functional.pad(kf.cumsum(2), (0, 0, 1, 0))  # (B, Hkv, S + 1, D)
+    C = None if key_valid is None else torch.nn.functional.pad(key_valid.to(torch.int64).cumsum(1), (1, 0))
+    return P, C
+
+
+def _column_bounds(T: int, S: int, K: int, causal: bool, device) -> torch.Tensor:
+    """Each row's K + 1 column boundaries (T, K + 1) int64: column j of a row is [b_j, b_j+1) (column_spans)."""
+    return column_spans(torch.arange(K + 1, device=device).expand(T, K + 1), K, S, causal)[0]
+
+
+def _column_counts(C, bounds, B: int, dtype):
+    """Valid keys per column (B, 1, T, K) in `dtype` (from the spans when there is no padding)."""
+    if C is None:
+        n = (bounds[:, 1:] - bounds[:, :-1]).expand(B, 1, -1, -1)
+    else:
+        cb = C[:, bounds]  # (B, T, K + 1)
+        n = (cb[..., 1:] - cb[..., :-1]).unsqueeze(1)
+    return n.to(dtype)
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 inside, fp64 for fp64 inputs (the tests' exact answer)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def column_scores_ref(q: torch.Tensor, k: torch.Tensor, K: int, causal: bool, scale: float,
+                      key_valid: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
+    """The content term of the estimate: each query row's score against the mean key of each of its K compressed
+    columns, scale * q . mean(k over the column's valid keys); 0 for a column without a valid key.
+
+    q (B, Hq, T, D), k (B, Hkv, S, D), key_valid (B, S) bool or None. Returns (B, Hq, T, K) fp32 (fp64 for fp64
+    inputs). A column's key sum
+    is P[b_j+1] - P[b_j] with P the prefix sum of the keys, so a row needs only its K + 1 dot products
+    Z_j = q . P[b_j], and the scores are (Z_j+1 - Z_j) / n_j: the prefix sums gathered at a block of `chunk` rows'
+    boundaries, (B, Hkv, chunk, K + 1, D), bound the memory (linear in T; nothing is (T x S)).
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    g = Hq // Hkv
+    wd = _work_dtype(q)
+    P, C = _key_prefix(k, key_valid, wd)
+    bounds = _column_bounds(T, k.shape[2], K, causal, q.device)  # (T, K + 1)
+    n = _column_counts(C, bounds, B, wd)  # (B, 1, T, K)
+    out = torch.empty(B, Hq, T, K, device=q.device, dtype=wd)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        Pg = P[:, :, bounds[t0:t1]]  # (B, Hkv, c, K + 1, D)
+        qc = q[:, :, t0:t1].to(wd).view(B, Hkv, g, t1 - t0, D)
+        Z = torch.einsum("bhgcd,bhckd->bhgck", qc, Pg).reshape(B, Hq, t1 - t0, K + 1)
+        out[:, :, t0:t1] = (Z[..., 1:] - Z[..., :-1]) * scale / n[:, :, t0:t1].clamp(min=1)
+    return out
+
+
+def column_scores_bwd_ref(grad, q, k, K: int, causal: bool, scale: float, key_valid=None, chunk: int = 256):
+    """Gradients (dq, dk) of column_scores_ref, written out (fp32 inside; see sparse_attention_bwd_ref for why not
+    autograd). With a_j = grad_j * scale / n_j: dZ_j = a_j-1 - a_j, dq = sum_j dZ_j P[b_j], dP[b_j] += dZ_j q, and a
+    key s enters every P[x] with x > s, so dk_s = valid_s * sum_{x > s} dP[x] (a reversed cumulative sum)."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    wd = _work_dtype(q)
+    P, C = _key_prefix(k, key_valid, wd)
+    bounds = _column_bounds(T, S, K, causal, q.device)  # (T, K + 1)
+    n = _column_counts(C, bounds, B, wd)
+    a = torch.where(n > 0, grad.to(wd) * scale / n.clamp(min=1), 0.0)  # (B, Hq, T, K)
+    dZ = torch.nn.functional.pad(a, (1, 0)) - torch.nn.functional.pad(a, (0, 1))  # (B, Hq, T, K + 1)
+    dq = torch.empty(B, Hq, T, D, device=q.device, dtype=wd)
+    dP = torch.zeros(B, Hkv, S + 1, D, device=q.device, dtype=wd)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        b = bounds[t0:t1]  # (c, K + 1)
+        dz = dZ[:, :, t0:t1].reshape(B, Hkv, g, t1 - t0, K + 1)
+        dq[:, :, t0:t1] = torch.einsum("bhgck,bhckd->bhgcd", dz, P[:, :, b]).reshape(B, Hq, t1 - t0, D)
+        qc = q[:, :, t0:t1].to(wd).view(B, Hkv, g, t1 - t0, D)
+        contrib = torch.einsum("bhgck,bhgcd->bhckd", dz, qc).reshape(B, Hkv, -1, D)
+        dP.index_add_(2, b.reshape(-1), contrib)
+    dk = dP.flip(2).cumsum(2).flip(2)[:, :, 1:]  # dk_s = sum_{x >= s + 1} dP[x]
+    if key_valid is not None:
+        dk = dk * key_valid[:, None, :, None].to(wd)
+    return dq.to(q.dtype), dk.to(k.dtype)
