@@ -6,6 +6,9 @@
   it) and its CPU fallback ships in the model as an ONNX local function (a FunctionProto with the reference
   decomposition), so a stock onnxruntime runs the file with no plugin while a registered kernel for the op (our
   Triton one on GPU) takes priority.
+- `sea_edge::ColumnScores` (same domain and version): inputs q (B, Hq, T, D), k (B, Hkv, S, D), key_valid (B, S)
+  bool; attributes K, causal (0 or 1), scale; output (B, Hq, T, K) float: the estimate's content term,
+  kernels.reference.column_scores_ref. Its body ships as a local function too (a Scan over blocks of rows).
 - The mask construction (grouped top-k and interpolation, `sea_edge::sparse_index` in torch) is translated into
   standard ONNX ops, identical to kernels.reference.sparse_index_ref: ONNX TopK breaks ties towards the lower index,
   which is exactly the stable sort the reference uses.
@@ -19,27 +22,44 @@ import onnx
 from onnx import TensorProto, helper
 
 __all__ = [
+    "COLUMN_SCORES",
     "DOMAIN",
     "OP",
     "ROW_CHUNK",
     "VERSION",
     "attach_functions",
+    "column_scores_function",
     "custom_translation_table",
     "register_schema",
     "sparse_attention_function",
 ]
 
 DOMAIN, VERSION, OP = "sea_edge", 1, "SparseAttention"
+COLUMN_SCORES = "ColumnScores"
 ROW_CHUNK = 64
 """Query rows per step of the fallback's Scan: the gathered keys of a step, (B, Hq, 64, w, D) fp32, bound its memory
 (about 38 MB for SmolLM2 at w = 128), where gathering all rows at once would cost T / 64 times that."""
 
 
 def register_schema() -> None:
-    """Register the op's schema with onnx (idempotent)."""
+    """Register the ops' schemas with onnx (idempotent)."""
+    P = onnx.defs.OpSchema.FormalParameter
+    A = onnx.defs.OpSchema.Attribute
+    if not onnx.defs.has(COLUMN_SCORES, DOMAIN):
+        onnx.defs.register_schema(onnx.defs.OpSchema(
+            COLUMN_SCORES, DOMAIN, VERSION,
+            doc="scale * q . (mean valid key of each of the query row's K compressed columns), 0 for a column "
+                "without one; a causal row's columns split its own keys [0, pos] (kernels/reference.py).",
+            inputs=[P("q", "T", "(B, Hq, T, D)"), P("k", "T", "(B, Hkv, S, D)"),
+                    P("key_valid", "tensor(bool)", "(B, S) false for padding keys")],
+            outputs=[P("scores", "tensor(float)", "(B, Hq, T, K)")],
+            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types")],
+            attributes=[A("K", onnx.defs.OpSchema.AttrType.INT, "compressed width"),
+                        A("causal", onnx.defs.OpSchema.AttrType.INT, "1: a row's columns cover keys [0, pos]"),
+                        A("scale", onnx.defs.OpSchema.AttrType.FLOAT, "score scale")],
+        ))
     if onnx.defs.has(OP, DOMAIN):
         return
-    P = onnx.defs.OpSchema.FormalParameter
     schema = onnx.defs.OpSchema(
         OP, DOMAIN, VERSION,
         doc="Attention of each query row over the keys listed in idx (-1 = empty slot), softmax(q.k*scale) @ v; "
@@ -150,19 +170,109 @@ def sparse_attention_function(opset: int, row_chunk: int | None = ROW_CHUNK) -> 
     )
 
 
+def _attr_const(b: _Builder, name: str, kind: str, attr_type) -> str:
+    """A Constant whose value is the function's attribute `name` (kind: "value_int" / "value_float")."""
+    node = helper.make_node("Constant", [], [f"{b.prefix}attr_{name}"])
+    node.attribute.append(helper.make_attribute_ref(kind, attr_type))
+    node.attribute[0].ref_attr_name = name
+    b.nodes.append(node)
+    return node.output[0]
+
+
+def column_scores_function(opset: int, row_chunk: int | None = ROW_CHUNK) -> onnx.FunctionProto:
+    """kernels.reference.column_scores_ref as a FunctionProto. Each row's K + 1 column boundaries b_j, the valid
+    keys' counts n_j, and Z_j = (the sum of q . k over the valid keys before b_j), so that the scores are
+    (Z_j+1 - Z_j) * scale / n_j:
+    - prefill (`row_chunk` rows per step of a Scan): Z = q . P[b] with P the prefix sums of the valid keys
+      (B, Hkv, S + 1, D), gathered at a block of rows' boundaries: linear memory;
+    - row_chunk None (the decode graph, one row per sequence): the row's logits q . k over all S keys (one GEMV per
+      head) and their prefix sum, gathered at the boundaries. The prefix sums of the keys would be a (S x D) mask,
+      sum and copy of the whole cache per layer and step (0.9 of 1.0 ms per layer at S = 4096 on 2 cores); the
+      logits' are (S x 1). Quadratic in T, so only for a few rows."""
+    b = _Builder("cs_")
+    F = TensorProto.FLOAT
+    qf, kf = b("Cast", "q", to=F), b("Cast", "k", to=F)
+    vf = b("Cast", "key_valid", to=F)  # (B, S)
+    shq, shk = b("Shape", "q"), b("Shape", "k")
+    B, H, T, D = (b.dim(shq, i) for i in range(4))
+    Hkv, S = b.dim(shk, 1), b.dim(shk, 2)
+    g = b("Div", H, Hkv)
+    one, zero = b.const([1]), b.const([0])
+    K = b("Reshape", _attr_const(b, "K", "value_int", onnx.AttributeProto.INT), one)  # (1,) int64
+    causal = b("Reshape", _attr_const(b, "causal", "value_int", onnx.AttributeProto.INT), one)
+    scale = _attr_const(b, "scale", "value_float", onnx.AttributeProto.FLOAT)
+    C = b("Pad", b("CumSum", vf, b.const(1)), b.const([0, 1, 0, 0]))  # (B, S + 1) valid keys before each position
+    # L per row: S - causal * (T - 1 - t); column boundaries floor(j L / K), j = 0..K, in int64
+    t = b("Range", b.const(0), b("Squeeze", T), b.const(1))
+    L = b("Sub", S, b("Mul", causal, b("Sub", b("Sub", T, one), t)))  # (T,)
+    j = b("Range", b.const(0), b("Squeeze", b("Add", K, one)), b.const(1))  # (K + 1,)
+    bounds = b("Div", b("Mul", b("Unsqueeze", L, b.const([1])), j), K)  # (T, K + 1)
+    cb = b("Gather", C, bounds, axis=1)  # (B, T, K + 1)
+    n = b("Sub", b("Slice", cb, one, b("Add", K, one), b.const([2])), b("Slice", cb, zero, K, b.const([2])))
+    inv = b("Div", scale, b("Max", n, b.const(1.0, F)))  # (B, T, K): 0 keys -> any value, Z's difference is 0
+    q5 = b("Reshape", qf, b("Concat", B, Hkv, g, T, D, axis=0))  # (B, Hkv, g, T, D)
+    if row_chunk is None:
+        # logits (B, Hkv, g T, S) = q @ k^T (onnxruntime fuses the transpose into the product: no copy of the
+        # cache), masked, summed along the keys and read at each row's boundaries
+        gT = b("Mul", g, T)
+        logits = b("MatMul", b("Reshape", q5, b("Concat", B, Hkv, gT, D, axis=0)), b("Transpose", kf, perm=[0, 1, 3, 2]))
+        logits = b("Mul", logits, b("Reshape", vf, b("Concat", B, one, one, S, axis=0)))
+        cum = b("Pad", b("CumSum", logits, b.const(3)), b.const([0, 0, 0, 1, 0, 0, 0, 0]))  # (B, Hkv, g T, S + 1)
+        at = b("Reshape", b("Expand", bounds, b("Concat", B, Hkv, g, T, b("Add", K, one), axis=0)),
+               b("Concat", B, Hkv, gT, b.const([-1]), axis=0))  # (B, Hkv, g T, K + 1)
+        z = b("GatherElements", cum, at, axis=3)  # (B, Hkv, g T, K + 1)
+    else:
+        P = b("Pad", b("CumSum", b("Mul", kf, b("Unsqueeze", vf, b.const([1, 3]))), b.const(2)),
+              b.const([0, 0, 1, 0, 0, 0, 0, 0]))  # (B, Hkv, S + 1, D)
+        c = b("Min", T, b.const([row_chunk]))
+        N = b("Div", b("Sub", b("Add", T, c), one), c)
+        pad = b("Sub", b("Mul", N, c), T)
+        qp = b("Reshape", b("Pad", q5, b("Concat", b.const([0, 0, 0, 0, 0, 0, 0, 0]), pad, zero, axis=0)),
+               b("Concat", B, Hkv, g, N, c, D, axis=0))  # (B, Hkv, g, N, c, D)
+        bp = b("Reshape", b("Pad", bounds, b("Concat", zero, zero, pad, zero, axis=0)),
+               b("Concat", N, c, b.const([-1]), axis=0))  # (N, c, K + 1), padded rows -> boundary 0
+        # Scan body: Z of one block of rows of every head, from the prefix sums gathered at its boundaries
+        # (B, Hkv, c, K + 1, D), the block's one large tensor; the product takes them on the left so that only q
+        # and Z are transposed. Outer-scope P is read directly.
+        sb = _Builder("csb_")
+        Pg = sb("Gather", P, "bc", axis=2)  # (B, Hkv, c, K + 1, D)
+        zc = sb("MatMul", Pg, sb("Transpose", "qc", perm=[0, 1, 3, 4, 2]))  # (B, Hkv, c, K + 1, g)
+        sb.nodes.append(helper.make_node("Transpose", [zc], ["zc"], perm=[0, 1, 4, 2, 3]))
+        body = helper.make_graph(
+            sb.nodes, "column_scores_rows",
+            [helper.make_tensor_value_info("qc", F, ["B", "Hkv", "g", "c", "D"]),
+             helper.make_tensor_value_info("bc", TensorProto.INT64, ["c", "K1"])],
+            [helper.make_tensor_value_info("zc", F, ["B", "Hkv", "g", "c", "K1"])],
+        )
+        z = b("Scan", qp, bp, body=body, num_scan_inputs=2, scan_input_axes=[3, 0], scan_output_axes=[3])
+        z = b("Slice", b("Reshape", z, b("Concat", B, Hkv, g, b("Mul", N, c), b.const([-1]), axis=0)), zero, T,
+              b.const([3]))  # (B, Hkv, g, T, K + 1)
+    z = b("Reshape", z, b("Concat", B, H, T, b.const([-1]), axis=0))  # (B, Hq, T, K + 1)
+    dz = b("Sub", b("Slice", z, one, b("Add", K, one), b.const([3])), b("Slice", z, zero, K, b.const([3])))
+    b.nodes.append(helper.make_node("Mul", [dz, b("Unsqueeze", inv, one)], ["scores"]))
+    return helper.make_function(
+        DOMAIN, COLUMN_SCORES, ["q", "k", "key_valid"], ["scores"], b.nodes,
+        opset_imports=[helper.make_opsetid("", opset)], attributes=["K", "causal", "scale"],
+    )
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def attach_functions(model: onnx.ModelProto, opset: int | None = None, row_chunk: int | None = ROW_CHUNK
                      ) -> onnx.ModelProto:
-    """Add (or replace) the SparseAttention function body, at the model's default opset unless `opset` is given
-    (the checker wants a function to import the model's own version), and the sea_edge opset import (in place).
-    `row_chunk`: as sparse_attention_function (None for the decode graph)."""
+    """Add (or replace) the function bodies of the sea_edge ops the graph uses (SparseAttention, ColumnScores), at
+    the model's default opset unless `opset` is given (the checker wants a function to import the model's own
+    version), and the sea_edge opset import (in place). `row_chunk`: as sparse_attention_function (None for the
+    decode graph)."""
     opset = default_opset(model) if opset is None else opset
-    keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP)]
+    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name in (OP, COLUMN_SCORES))]
     del model.functions[:]
     model.functions.extend([*keep, sparse_attention_function(opset, row_chunk)])
+    if COLUMN_SCORES in used:
+        model.functions.append(column_scores_function(opset, row_chunk))
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
     return model
@@ -198,6 +308,14 @@ def custom_translation_table() -> dict:
 
     def sparse_attention(q, k, v, idx, scale: float):
         return sea.SparseAttention(q, k, v, idx, scale=float(scale))
+
+    def column_scores(q, k, key_valid, K: int, causal: bool, scale: float):
+        if key_valid is None:  # the op's key_valid input is not optional: every key valid
+            shk = op.Shape(k)
+            key_valid = op.Expand(op.Constant(value=helper.make_tensor("value", TensorProto.BOOL, [], [True])),
+                                  op.Concat(op.Slice(shk, ints(0), ints(1)), op.Slice(shk, ints(2), ints(3)),
+                                            axis=0))
+        return sea.ColumnScores(q, k, key_valid, K=int(K), causal=int(bool(causal)), scale=float(scale))
 
     def _distinct_keys(probs, selectable, H, K):
         """Softmax probabilities (B, H, T, K), all >= 0, and the row's selectable columns (T, K) -> fp64 keys that
@@ -296,5 +414,6 @@ def custom_translation_table() -> dict:
 
     return {
         torch.ops.sea_edge.sparse_attention.default: sparse_attention,
+        torch.ops.sea_edge.column_scores.default: column_scores,
         torch.ops.sea_edge.sparse_index.default: sparse_index,
     }

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
-from sea_edge.kernels import sparse_attention_ref, sparse_index_op, sparse_index_ref
+from sea_edge.kernels import column_scores, column_scores_ref, sparse_attention_ref, sparse_index_op, sparse_index_ref
 
 from sea_edge.config import SEAConfig, budget
 from sea_edge.errors import SeaEdgeError
@@ -64,6 +64,47 @@ def test_function_body_matches_reference(B, Hq, Hkv, T, S, D, w, row_chunk):
     out = sess.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "idx": idx.numpy()})[0]
     np.testing.assert_allclose(out, ref.numpy(), atol=2e-6, rtol=1e-5)
     assert not out[0, 0, 0].any()
+
+
+# -- the ColumnScores op and its function body ------------------------------------------------------------------
+
+class _Scores(torch.nn.Module):
+    def __init__(self, K, causal):
+        super().__init__()
+        self.K, self.causal = K, causal
+
+    def forward(self, q, k, key_valid):
+        return column_scores(q, k, self.K, self.causal, 0.125, key_valid)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("row_chunk", [64, None], ids=["scan", "rows-at-once"])
+def test_column_scores_translation_matches_reference(causal, row_chunk):
+    """Exported with dynamic T and S (the queries are the last T of S positions), the ColumnScores node and its
+    function body (a Scan over blocks of rows, or every row at once as in the decode graph) run at other lengths
+    with padding: the reference's scores."""
+    from sea_edge.export.onnx_ops import COLUMN_SCORES, DOMAIN, attach_functions, custom_translation_table
+
+    K, D = 16, 12
+    T_dim, S_dim = torch.export.Dim("T", min=1, max=512), torch.export.Dim("S", min=2, max=1024)
+    ex = (torch.randn(2, 6, 37, D), torch.randn(2, 2, 45, D), torch.ones(2, 45, dtype=torch.bool))
+    prog = torch.onnx.export(_Scores(K, causal).eval(), ex, dynamo=True, input_names=["q", "k", "key_valid"],
+                             dynamic_shapes=({2: T_dim}, {2: S_dim}, {1: S_dim}), optimize=False,
+                             custom_translation_table=custom_translation_table())
+    m = attach_functions(prog.model_proto, row_chunk=row_chunk)
+    assert [n.op_type for n in m.graph.node if n.domain == DOMAIN] == [COLUMN_SCORES]
+    body = next(f for f in m.functions if f.name == COLUMN_SCORES)
+    assert any(n.op_type == "Scan" for n in body.node) == (row_chunk is not None)
+    onnx.checker.check_model(m, full_check=True)
+    sess = _session(m)
+    g = torch.Generator().manual_seed(2)
+    for T, S in ((5, 5), (111, 111), (1, 77), (70, 130), (3, 9)):  # (3, 9): S < K, empty columns
+        q, k = torch.randn(2, 6, T, D, generator=g), torch.randn(2, 2, S, D, generator=g) + 0.5
+        kv = torch.ones(2, S, dtype=torch.bool)
+        kv[1, : S // 3] = False  # left padding on the second sequence
+        ref = column_scores_ref(q, k, K, causal, 0.125, kv)
+        out = sess.run(None, {"q": q.numpy(), "k": k.numpy(), "key_valid": kv.numpy()})[0]
+        np.testing.assert_allclose(out, ref.numpy(), atol=1e-5, rtol=1e-4, err_msg=f"T={T} S={S}")
 
 
 # -- the mask construction in standard ONNX ops ---------------------------------------------------------------------
