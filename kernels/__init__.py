@@ -24,7 +24,7 @@ from .reference import (
 )
 
 _LAZY = {
-    "column_scores_triton": "column_scores",
+    "column_scores_triton": "triton_column_scores",
     "select_columns": "mask",
     "expand_columns": "mask",
     "sparse_index": "mask",

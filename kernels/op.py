@@ -217,7 +217,7 @@ def _column_scores_op(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor 
 
 @_column_scores_op.register_kernel("cuda")
 def _(q, k, key_valid, K, causal, scale):
-    from .column_scores import column_scores_triton  # lazy: triton only where CUDA runs
+    from .triton_column_scores import column_scores_triton  # lazy: triton only where CUDA runs
 
     return column_scores_triton(q, k, K, causal, scale, key_valid)
 

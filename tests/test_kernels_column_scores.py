@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from sea_edge.kernels import column_scores, column_scores_bwd_ref, column_scores_ref, column_spans
-from sea_edge.kernels.column_scores import column_scores_triton
+from sea_edge.kernels.triton_column_scores import column_scores_triton
 
 from sea_edge.testing import assert_close_to_ref, assert_rel_err
 
@@ -148,3 +148,14 @@ def test_gpu_real_shapes(case, dt):
     # torch's own computation in this dtype: the prefix sums and the products in the inputs' precision
     low = column_scores_ref(q, k, K, causal, 0.125, key_valid)
     assert_close_to_ref(out, low, exact, what=f"{dt} column scores")
+
+
+def test_package_name_stays_the_op_after_its_kernel_module_loads():
+    """Importing the Triton module must not rebind `sea_edge.kernels.column_scores` (a submodule of the same name
+    once replaced the function with itself on the package the first time CUDA ran it)."""
+    import importlib
+
+    import sea_edge.kernels as kernels
+
+    importlib.import_module("sea_edge.kernels.triton_column_scores")
+    assert callable(kernels.column_scores) and kernels.column_scores is column_scores
