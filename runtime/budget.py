@@ -23,8 +23,8 @@ What the analytic model counts (bytes at the peak of one prefill; fp32 activatio
                      only when the run ends, so all L of them are alive at the peak
     attention        the largest per-layer transient of attention (dense: DENSE_SCORE_COPIES (B, H, T, S) fp32
                      buffers, the measured working set of the score/mask/softmax chain, plus the (B, 1, T, S) mask;
-                     SEA: the mask's interpolation and compaction, the Performer block sums, or the fallback's
-                     gathered rows, whichever is largest)
+                     SEA: the mask's interpolation and compaction, the Performer block sums, the content term's
+                     prefix sums and gathered rows, or the fallback's gathered rows, whichever is largest)
     logits           (B, T, V) fp32: the prefill graph returns every position's logits (+ a (V, E) fp32 scratch when
                      the lm_head is an 8-bit MatMulNBits at accuracy level 1)
     activations      hidden states and the MLP at the peak, (B, T, E) and (B, T, I) fp32
@@ -327,6 +327,9 @@ class ModelDims:
     budget_length: int | None = None
     eye_width: int | None = None
     """Performer eye columns (SEAConfig.eye_width; None = compressed_width)."""
+    key_scores: bool = False
+    """The estimate has the content term (SEAConfig.key_scores, a ColumnScores node per layer; exports made before
+    it existed lack the manifest field and the node)."""
     mask_final_sort: bool = True
     """The prefill graph orders each row's keys with a final TopK whose unread values, (B, H, T, w) int64, onnxruntime
     holds to the end of the run (manifest graphs.prefill "unused_topk_retained", true for exports before the mask's
@@ -381,7 +384,7 @@ def model_dims(folder_or_manifest: str | Path | dict) -> ModelDims:
                         n_features=int(sm["n_features"]), decoder_channels=int(sm["decoder_channels"]),
                         decoder_ratio=int(sm["decoder_ratio"]), head_cap_factor=float(sea["head_cap_factor"]),
                         performer_chunk=int(sea["performer_chunk"]), budget_length=sea.get("budget_length"),
-                        eye_width=sea.get("eye_width"),
+                        eye_width=sea.get("eye_width"), key_scores=bool(sea.get("key_scores", False)),
                         mask_final_sort=bool(man["graphs"]["prefill"].get("unused_topk_retained", True)))
     except (KeyError, TypeError, ValueError) as exc:
         raise SeaEdgeError(f"manifest lacks what the memory model needs: {exc!r}") from None
@@ -461,9 +464,14 @@ def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = N
         # compaction (four copies), the estimate (B, H, T, K) twice, or the sparse attention's gathered rows of a
         # 64-row block (B, H, 64, w, D) x 3 beside the expanded keys and values (B, H, S, D) x 2
         N = -(-T // dims.performer_chunk)
+        # the content term (ColumnScores): the keys' prefix sums (B, Hkv, S + 1, D) and their masked input, a 64-row
+        # block's gathered prefix sums and product, Z and the scores (B, H, T, K + 1) beside the estimate
+        scores = dims.key_scores * (2 * B * Hkv * S * D * f32 + 2 * B * Hkv * 64 * (K + 1) * D * f32
+                                    + 2 * B * H * T * (K + 1) * f32 + 2 * B * H * T * K * f32)
         transient = max(4 * B * H * T * w * i64 + 2 * B * H * T * K * f32,
                         2 * B * Hkv * N * m * W * f32 + 2 * B * H * T * W * f32,
-                        3 * B * H * 64 * w * D * f32 + 2 * B * H * S * D * f32 + 2 * B * H * T * w * i64)
+                        3 * B * H * 64 * w * D * f32 + 2 * B * H * S * D * f32 + 2 * B * H * T * w * i64,
+                        scores)
         # the arena keeps what the last layer touched; the logits come on top (module docstring)
         comp.update(sea_mask=L * retained_layer, attention=transient, activations=hidden + mlp + hidden,
                     logits=logits)

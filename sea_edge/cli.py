@@ -226,13 +226,18 @@ def distill_(
     init: Annotated[
         Optional[Path], typer.Option(help="Start from this estimator folder (fine-tune / continue) instead of fresh.")
     ] = None,
+    key_scores: Annotated[
+        Optional[bool], typer.Option(help="Add the content term (q against each column's mean key) to the estimate; "
+                                          "default: on for fresh weights, as stored for --init.")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Distill SEA's attention estimator from the teacher's own attention (resumable)."""
     from sea_edge.distill import DistillConfig, distill
 
     cfg = DistillConfig(steps=steps, seq_len=seq_len, batch=batch, lr=lr, checkpoint_every=checkpoint_every,
-                        device=device.value, max_windows=max_windows, sea={"k": k},
+                        device=device.value, max_windows=max_windows,
+                        sea={"k": k, **({} if key_scores is None else {"key_scores": key_scores})},
                         init=None if init is None else str(init))
     r = distill(model, out, cfg, resume=resume, progress=progress)
     last = r.history[-1] if r.history else {}

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sea_edge.kernels import column_scores
+
 from .config import SEAConfig
 
 __all__ = ["SEAEstimator", "EstimatorOutput"]
@@ -70,6 +72,8 @@ class SEAEstimator(nn.Module):
         self.conv1 = nn.Conv2d(C, C, 3)
         self.norm = nn.LayerNorm(K // cfg.decoder_ratio)
         self.conv2 = nn.Conv2d(C, cfg.decoder_ratio, 3)  # r sub-columns per pixel, shuffled to width K
+        if cfg.key_scores:  # weight of the content term column_scores per head (1: the plain mean-key score)
+            self.key_weight = nn.Parameter(torch.ones(n_heads))
         self.mixer = nn.Linear(width, 2)
         with torch.no_grad():
             self.mixer.weight.zero_()
@@ -172,6 +176,9 @@ class SEAEstimator(nn.Module):
         img = self.norm(img + F.gelu(y))
         sub, rows2 = self._conv(self.conv2, img, flat(rows2))  # (B*H, r, T, K/r)
         logits = sub.permute(0, 2, 3, 1).reshape(B, H, T, self.K)  # pixel shuffle: column j*r + i <- channel i
+        if self.cfg.key_scores:  # q against each column's mean key: where the row attends by content
+            content = column_scores(q, k, self.K, self.causal, D**-0.5, key_valid)  # (B, H, T, K) fp32
+            logits = logits + self.key_weight.view(1, H, 1, 1) * content
         logits = logits.masked_fill(~selectable, float("-inf"))
         mix, gain = torch.sigmoid(self.mixer(feat)).unbind(-1)
         out = EstimatorOutput(logits, mix.unsqueeze(-1), 2.0 * gain.unsqueeze(-1), feat)

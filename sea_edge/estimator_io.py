@@ -101,14 +101,16 @@ def load_estimator_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def apply_estimator(model, path: Path, config_override: dict | None = None):
     """Put `model` (dense teacher or SEA) in SEA mode with the estimator stored at `path`. Refuses an estimator
-    made for another model. `config_override` changes inference-time fields (e.g. {"k": 128})."""
+    made for another model. `config_override` changes inference-time fields (e.g. {"k": 128}); {"key_scores":
+    True} on an estimator stored without the content term adds it with its initial weights."""
     meta, tensors = load_estimator_file(path)
     geo, want = _geometry(model), meta.get("teacher", {})
     for key in ("n_layers", "n_heads", "n_kv_heads", "head_dim"):
         if want.get(key) != geo[key]:
             raise SeaEdgeError(f"estimator {path} was made for {want.get('name', '?')} ({key}={want.get(key)}), "
                                f"not for {geo['name']} ({key}={geo[key]})")
-    cfg = SEAConfig.from_dict({**meta["sea_config"], **(config_override or {})})
+    stored = {"key_scores": False, **meta["sea_config"]}  # files written before key_scores existed lack the term
+    cfg = SEAConfig.from_dict({**stored, **(config_override or {})})
     if sea_layers(model):
         from .patch import to_dense
 
@@ -118,6 +120,8 @@ def apply_estimator(model, path: Path, config_override: dict | None = None):
     for i, m in enumerate(layers):
         prefix = f"layers.{i}."
         sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if cfg.key_scores and "key_weight" not in sd:  # an estimator without the content term gains it at its
+            sd["key_weight"] = m.sea.key_weight.detach()  # initial weight (1 per head): a start for fine-tuning
         try:
             m.sea.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
         except RuntimeError as exc:

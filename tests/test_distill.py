@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sea_edge.config import SEAConfig
 from sea_edge.distill import DistillConfig, distill_model
 from sea_edge.errors import SeaEdgeError
 from sea_edge.estimator_io import apply_estimator, estimator_state, save_estimator
@@ -137,6 +138,28 @@ def test_bad_checkpoints_and_outputs(tiny, tmp_path, minilm):
     with pytest.raises(SeaEdgeError, match="was made for"):
         apply_estimator(enc, est_dir)
     assert not hasattr(enc, "sea_config")
+
+
+def test_estimator_without_content_term_loads_and_upgrades(tiny, tmp_path):
+    """An estimator file written before SEAConfig.key_scores (no such field, no key_weight) loads as it was made;
+    asked for the term ({"key_scores": True}, e.g. distill --init OLD --key-scores), it gains it at weight 1."""
+    model, _ = tiny
+    sea = copy.deepcopy(model)
+    to_sea(sea, SEAConfig(k=8, compressed_width=32, key_scores=False))
+    old = save_estimator(sea, tmp_path / "old")
+    meta = json.loads((old / "estimator.json").read_text())
+    del meta["sea_config"]["key_scores"]  # as files from before the field were written
+    (old / "estimator.json").write_text(json.dumps(meta))
+    apply_estimator(sea, old)
+    assert sea.sea_config.key_scores is False
+    assert not any(n.endswith("key_weight") for n in estimator_state(sea))
+    apply_estimator(sea, old, {"key_scores": True})
+    weights = [t for n, t in estimator_state(sea).items() if n.endswith("key_weight")]
+    assert len(weights) == 2 and all(torch.equal(w, torch.ones_like(w)) for w in weights)
+    before = estimator_state(copy.deepcopy(sea))
+    apply_estimator(sea, old)  # the other parameters are the file's in both cases
+    after = estimator_state(sea)
+    assert all(torch.equal(after[n], before[n]) for n in after)
 
 
 def test_distill_config_validation():

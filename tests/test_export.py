@@ -304,7 +304,8 @@ def test_encoder_exports_one_graph(tmp_path, minilm):
     man = read_manifest(tmp_path / "enc")
     assert set(man["graphs"]) == {"encoder", "n_layers"} and not (tmp_path / "enc" / "decode.onnx").exists()
     m = onnx.load(str(tmp_path / "enc" / "model.onnx"), load_external_data=False)
-    assert sum(n.domain == "sea_edge" for n in m.graph.node) == 6
+    custom = [n.op_type for n in m.graph.node if n.domain == "sea_edge"]
+    assert custom.count("SparseAttention") == custom.count("ColumnScores") == 6 and len(custom) == 12
     assert r.validation["rel_err"] < 1e-4 and r.validation["agreement"] == 1.0
 
 

@@ -286,3 +286,27 @@ def test_decode_steps_carry_the_state_of_a_prefill(chunk, eye):
     for a, b in zip(state, end_state):
         assert_rel_err(a, b, 1e-5, "state after the last step")
     assert state[0].shape[-1] == D + (eye or 32) + 1  # the Performer state: [v, eye, 1] per feature
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_content_term_adds_weighted_column_scores(causal):
+    """SEAConfig.key_scores: the estimate's logits are the decoder's plus key_weight[h] * column_scores (the mean
+    key of each column against the query), padding included; off, the estimator has no such weight."""
+    from sea_edge.attention import mask_geometry
+    from sea_edge.kernels import column_scores
+
+    B, H, Hkv, T, D, K = 2, 4, 2, 37, 16, 8
+    q, k, v = qkv(B, H, Hkv, T, T, D, seed=3)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[0, :5] = False
+    off = SEAEstimator(SEAConfig(k=4, compressed_width=K, key_scores=False).resolve(causal, D), D, H, 512)
+    on = SEAEstimator(SEAConfig(k=4, compressed_width=K).resolve(causal, D), D, H, 512)
+    assert not hasattr(off, "key_weight") and on.key_weight.shape == (H,)
+    on.load_state_dict({**off.state_dict(), "key_weight": torch.linspace(0.5, 2.0, H)})
+    sel = mask_geometry(on, H, T, T, q.device, valid)[0]
+    with torch.no_grad():
+        a, b = off(q, k, v, sel, valid).logits, on(q, k, v, sel, valid).logits
+    term = torch.linspace(0.5, 2.0, H).view(1, H, 1, 1) * column_scores(q, k, K, causal, D**-0.5, valid)
+    fin = torch.isfinite(a)
+    assert torch.equal(fin, torch.isfinite(b)) and fin.any()
+    assert_rel_err(b[fin], (a + term)[fin], 1e-6, "logits with the content term")
