@@ -5,9 +5,9 @@ validation text, and the evidence that no tensor crosses the host between onnxru
     python -m sea_edge.runtime.bench_gpu --sea DIR --dense DIR2 --out OUT [--lengths 4096,16384,32768]
         [--repeats 3] [--deadline EPOCH_SECONDS] [--parts prefill,agreement,nocopy]
 
-Both folders run through SeaSession(device="cuda"): the SEA graphs split at their SparseAttention nodes (31
-onnxruntime segments + 30 Triton calls, sea_edge.runtime.executor), the dense graph as one segment through the same
-IO-binding backend, with the same provider options (TF32 off, one CUDA arena growing by what is asked).
+Both folders run through SeaSession(device="cuda"): the SEA graphs split at their SparseAttention and ColumnScores
+nodes (61 onnxruntime segments + 60 Triton calls, sea_edge.runtime.executor), the dense graph as one segment through
+the same IO-binding backend, with the same provider options (TF32 off, one CUDA arena growing by what is asked).
 
 - prefill: every (model, T) in a fresh process (`--child prefill`), so no arena, cache or JIT state carries over.
   T random token ids; both graphs return the logits of every position ((T, V) fp32: 6 GiB at T = 32768), kept on the

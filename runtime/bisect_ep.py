@@ -102,8 +102,8 @@ def bisect(folder: str | Path, seq_len: int = 256, decode: bool = False, provide
     import onnxruntime as ort
 
     from . import SeaSession
+    from .executor import NumpyBackend, run_op
     from .segments import load_plan
-    from .sparse_attention import sparse_attention_np
 
     folder = Path(folder)
     if provider not in ort.get_available_providers():
@@ -113,11 +113,10 @@ def bisect(folder: str | Path, seq_len: int = 256, decode: bool = False, provide
     feeds, file = _feeds(cpu, seq_len, decode)
     plan = load_plan(folder, file)
     values = dict(feeds)
-    rows, first = [], None
+    rows, first, numpy_ops = [], None, NumpyBackend()
     for step in plan.steps:
-        if step.kind == "op":
-            q, k, v, idx = (values[x] for x in step.inputs)
-            values[step.outputs[0]] = sparse_attention_np(q, k, v, idx, step.attributes["scale"])
+        if step.kind == "op":  # the split nodes by their NumPy twins, on both sides
+            values[step.outputs[0]] = run_op(numpy_ops, step, values)
             continue
         model = plan.segment_bytes(step)
         ins = {x: values[x] for x in step.inputs if x in values}

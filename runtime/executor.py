@@ -1,17 +1,20 @@
-"""Running a graph split at its SparseAttention nodes (sea_edge.runtime.segments): onnxruntime runs the segments,
-a backend computes the split nodes, and the backend's tensors carry every value from one step to the next.
+"""Running a graph split at its SparseAttention and ColumnScores nodes (sea_edge.runtime.segments): onnxruntime runs
+the segments, a backend computes the split nodes, and the backend's tensors carry every value from one step to the
+next.
 
     graph = SegmentedGraph(plan, folder, backend, options)   # one onnxruntime session per segment
     logits, *state = graph.run(["logits", *present], feeds)   # feeds: numpy or the backend's own tensors
 
-Backends (how a SparseAttention node is computed, and what a value is between steps):
-- NumpyBackend: numpy arrays, `InferenceSession.run`, the NumPy twin of the reference (runtime/sparse_attention.py).
+Backends (how the split nodes are computed, and what a value is between steps):
+- NumpyBackend: numpy arrays, `InferenceSession.run`, the NumPy twins of the references (runtime/sparse_attention.py,
+  runtime/column_scores.py).
   CPU only; no torch. What the CI tests compare with the whole graph in one session.
 - TorchBackend(device, attention): torch tensors on `device`, handed to and from onnxruntime through IO binding with
   no copy: a segment's input is bound to the tensor's own memory (`bind_input(..., tensor.data_ptr())`), its outputs
   are allocated by onnxruntime on the device (`bind_output(name, "cuda")`) and wrapped as torch tensors over the same
   memory (DLPack, else `__cuda_array_interface__`; the wrapper keeps the OrtValue alive). attention "triton":
-  sea_edge.kernels.sparse_attention_triton (CUDA); "torch": sea_edge.kernels.sparse_attention_ref (any device).
+  sea_edge.kernels.sparse_attention_triton and column_scores_triton (CUDA); "torch": the references
+  sparse_attention_ref and column_scores_ref (any device).
   torch and triton are imported here, on first use, never by `import sea_edge.runtime`.
 
 On CUDA, onnxruntime and torch share one stream: every segment session gets the backend's torch stream as its
@@ -47,12 +50,13 @@ import numpy as np
 
 from sea_edge.errors import SeaEdgeError
 
+from .column_scores import column_scores_np
 from .segments import SegmentPlan, Step
 from .sparse_attention import sparse_attention_np
 
 __all__ = ["ENV_ALLOCATORS", "EXTERNAL_DATA_FOLDER", "RECORD_PLACEMENT", "NumpyBackend", "SegmentedGraph",
            "TorchBackend", "WholeGraph", "limit_cublas_workspace", "node_placement", "open_session",
-           "register_cuda_arena"]
+           "register_cuda_arena", "run_op"]
 
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 """onnxruntime session option: where the external data of a model opened from bytes is (our segments)."""
@@ -67,7 +71,7 @@ _CAI_TYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i
 
 
 class NumpyBackend:
-    """Values are numpy arrays; segments run with InferenceSession.run; SparseAttention is sparse_attention_np."""
+    """Values are numpy arrays; segments run with InferenceSession.run; the split nodes are the NumPy twins."""
 
     name, device = "numpy", "cpu"
 
@@ -89,6 +93,10 @@ class NumpyBackend:
     def sparse_attention(self, q, k, v, idx, scale: float):
         self.stats["sparse_attention_calls"] += 1
         return sparse_attention_np(q, k, v, idx, scale)
+
+    def column_scores(self, q, k, key_valid, K: int, causal: bool, scale: float):
+        self.stats["column_scores_calls"] += 1
+        return column_scores_np(q, k, key_valid, K, causal, scale)
 
     def window_nll_sum(self, logits, ids: np.ndarray) -> float:
         from .perplexity import window_nll_sum
@@ -133,14 +141,16 @@ class TorchBackend:
                 raise SeaEdgeError("attention 'triton' needs a CUDA device (or TRITON_INTERPRET=1: the kernels "
                                    "interpreted on the CPU, for tests)")
             try:
+                from sea_edge.kernels.triton_column_scores import column_scores_triton as scores_fn
                 from sea_edge.kernels.triton_sparse_attention import sparse_attention_triton as fn
             except ImportError as exc:
                 raise SeaEdgeError(f"attention 'triton' needs triton ({exc})") from None
         elif attention == "torch":
+            from sea_edge.kernels.reference import column_scores_ref as scores_fn
             from sea_edge.kernels.reference import sparse_attention_ref as fn
         else:
             raise SeaEdgeError(f"unknown attention {attention!r} for the torch backend: use triton or torch")
-        self.attention, self._attention_fn = attention, fn
+        self.attention, self._attention_fn, self._scores_fn = attention, fn, scores_fn
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.ort_cuda = self.cuda  # False: the segments run on onnxruntime's CPU provider (no onnxruntime-gpu)
         self.run_options = None  # onnxruntime RunOptions of every segment run (arena shrinkage without a shared arena)
@@ -271,17 +281,27 @@ class TorchBackend:
         del keep
         return out
 
-    def sparse_attention(self, q, k, v, idx, scale: float):
-        self.stats["sparse_attention_calls"] += 1
+    def _on_device(self, tensors) -> list:
         ins = []
-        for t in (q, k, v, idx):
+        for t in tensors:
             if t.device != self.device:
                 self.stats["moved_to_device"] += 1
                 self.stats["moved_bytes"] += t.numel() * t.element_size()
                 t = t.to(self.device)
             ins.append(t)
+        return ins
+
+    def sparse_attention(self, q, k, v, idx, scale: float):
+        self.stats["sparse_attention_calls"] += 1
+        ins = self._on_device((q, k, v, idx))
         with self.stream_context():
             return self._attention_fn(*ins, float(scale))
+
+    def column_scores(self, q, k, key_valid, K: int, causal: bool, scale: float):
+        self.stats["column_scores_calls"] += 1
+        q, k, key_valid = self._on_device((q, k, key_valid))
+        with self.stream_context():
+            return self._scores_fn(q, k, int(K), bool(causal), float(scale), key_valid)
 
     def window_nll_sum(self, logits, ids: np.ndarray) -> float:
         """Summed next-token NLL (float64) on the device: no (B, T, V) download."""
@@ -329,7 +349,7 @@ class SegmentedGraph:
         for s in plan.steps:
             if s.kind == "ort":
                 self.sessions[s.name] = open_session(s)
-            elif s.op != "SparseAttention":
+            elif s.op not in ("SparseAttention", "ColumnScores"):
                 raise SeaEdgeError(f"no implementation for split node {s.op!r} ({s.name})")
         self.input_names = list(plan.inputs)
         self.overridable = set(plan.overridable)
@@ -380,11 +400,22 @@ class SegmentedGraph:
                 if outs:
                     values.update(be.run_segment(self.sessions[s.name], ins, outs, self.wants))
             else:
-                q, k, v, idx = (values[x] for x in s.inputs)
-                values[s.outputs[0]] = be.sparse_attention(q, k, v, idx, s.attributes["scale"])
+                values[s.outputs[0]] = run_op(be, s, values)
             for x in [x for x in s.inputs if x not in after and x not in wanted]:
                 values.pop(x, None)  # last reader done: free it now (a long prefill holds no dead layers)
         return [values[n] for n in outputs]
+
+
+def run_op(backend, step: Step, values: dict):
+    """The output of a split node's step ("op") computed by `backend` from `values`."""
+    a = step.attributes
+    if step.op == "SparseAttention":
+        q, k, v, idx = (values[x] for x in step.inputs)
+        return backend.sparse_attention(q, k, v, idx, a["scale"])
+    if step.op == "ColumnScores":
+        q, k, key_valid = (values[x] for x in step.inputs)
+        return backend.column_scores(q, k, key_valid, a["K"], a["causal"], a["scale"])
+    raise SeaEdgeError(f"no implementation for split node {step.op!r} ({step.name})")
 
 
 def _input_placement(sess) -> dict[str, str]:

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Field", "Graph", "Model", "Node", "WireError", "int64_tensor", "int_field", "message", "node",
-           "parse_model", "read_fields", "static_dims", "string_field", "tensor_dims", "tensor_ints", "value_info"]
+__all__ = ["Field", "Graph", "Model", "Node", "WireError", "function_calls", "function_key", "int64_tensor",
+           "int_field", "message", "node", "parse_model", "read_fields", "static_dims", "string_field", "tensor_dims",
+           "tensor_ints", "value_info"]
 
 # ModelProto
 MODEL_IR_VERSION, MODEL_OPSET_IMPORT, MODEL_GRAPH, MODEL_FUNCTIONS = 1, 8, 7, 25
 # OperatorSetIdProto
 OPSET_DOMAIN = 1
+# FunctionProto
+FUNCTION_NAME, FUNCTION_NODE, FUNCTION_DOMAIN = 1, 7, 10
 # GraphProto
 GRAPH_NODE, GRAPH_NAME, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_OUTPUT, GRAPH_VALUE_INFO = 1, 2, 5, 11, 12, 13
 GRAPH_SPARSE_INITIALIZER = 15
@@ -293,6 +296,23 @@ class Model:
 
     def opset_domains(self) -> dict[str, Field]:
         return {_first_string(f.value, OPSET_DOMAIN): f for f in self.header if f.number == MODEL_OPSET_IMPORT}
+
+
+def function_key(raw_field: bytes) -> tuple[str, str]:
+    """(domain, name) of a ModelProto.functions field (its raw bytes, key included)."""
+    payload = next(f.value for f in read_fields(raw_field))
+    return _first_string(payload, FUNCTION_DOMAIN), _first_string(payload, FUNCTION_NAME)
+
+
+def function_calls(raw_field: bytes) -> set[tuple[str, str]]:
+    """(domain, op_type) of the nodes in a ModelProto.functions field's body (top level of the body)."""
+    payload = next(f.value for f in read_fields(raw_field))
+    calls = set()
+    for f in read_fields(payload):
+        if f.number == FUNCTION_NODE and f.wire == 2:
+            n = _node(f.raw, f.value)
+            calls.add((n.domain, n.op_type))
+    return calls
 
 
 def parse_model(buf: bytes) -> Model:

@@ -1,5 +1,5 @@
-"""A graph split at its custom nodes (`sea_edge.SparseAttention`) into onnxruntime segments, and the on-disk cache
-of the split (standard library + runtime/onnx_wire.py only: no onnx package).
+"""A graph split at its custom nodes (`sea_edge.SparseAttention`, `sea_edge.ColumnScores`) into onnxruntime
+segments, and the on-disk cache of the split (standard library + runtime/onnx_wire.py only: no onnx package).
 
     plan = load_plan(folder, "model.onnx")         # built once per graph (keyed by its sha256), then read back
     plan.steps                                     # [Step("ort", "seg-000.onnx", ...), Step("op", ...), ...]
@@ -8,9 +8,9 @@ of the split (standard library + runtime/onnx_wire.py only: no onnx package).
 How the graph is cut. Every value gets a stage: graph inputs and initializers 0; a node's outputs the largest stage
 of its inputs, plus one after a split node. Segment k holds the other nodes of stage k, in the graph's own
 (topological) order; the split nodes of stage k run after it, so the steps are segment 0, split nodes of stage 0,
-segment 1, ... (empty segments are skipped). For SmolLM2 that is 31 segments and 30 SparseAttention steps. A node
-runs in the earliest segment whose inputs are all available, so shape arithmetic on the graph inputs lands in
-segment 0 and its results are handed on like any other value.
+segment 1, ... (empty segments are skipped). For SmolLM2 that is 61 segments, 30 ColumnScores and 30
+SparseAttention steps. A node runs in the earliest segment whose inputs are all available, so shape arithmetic on
+the graph inputs lands in segment 0 and its results are handed on like any other value.
 
 A segment is a ModelProto built from the original bytes: its nodes and the initializers they read are copied byte
 for byte (weights stay external-data references into the export folder's weights file, with their offsets), its
@@ -43,8 +43,10 @@ from .manifest import sha256_file
 
 __all__ = ["FORMAT", "SPLIT_OPS", "SegmentPlan", "Step", "build_plan", "default_cache_dir", "load_plan"]
 
-FORMAT, FORMAT_TAG = "sea-edge-segments/2", "seg2"
-SPLIT_OPS = {("sea_edge", "SparseAttention"): ("q", "k", "v", "idx")}
+FORMAT, FORMAT_TAG = "sea-edge-segments/4", "seg4"  # 3: segments carry the local functions their nodes call;
+# 4: cut at ColumnScores too
+SPLIT_OPS = {("sea_edge", "SparseAttention"): ("q", "k", "v", "idx"),
+             ("sea_edge", "ColumnScores"): ("q", "k", "key_valid")}
 """(domain, op_type) of the nodes the graph is cut at -> their input names, in order."""
 
 
@@ -63,8 +65,8 @@ class Step:
     name: str  # segment file name, or the node's name
     inputs: list[str]
     outputs: list[str]
-    op: str = ""  # "SparseAttention" for an "op" step
-    attributes: dict = field(default_factory=dict)  # {"scale": float} for SparseAttention
+    op: str = ""  # "SparseAttention" or "ColumnScores" for an "op" step
+    attributes: dict = field(default_factory=dict)  # {"scale": float}; ColumnScores: also {"K": int, "causal": bool}
     nodes: int = 0  # onnx nodes in a segment
 
 
@@ -154,8 +156,10 @@ def build_plan(model_bytes: bytes, graph_file: str, graph_sha256: str) -> tuple[
         if later:
             place[i] = min(later)
 
-    # a split node's output has its first input's type and shape (SparseAttention: the output is like q)
-    like = {n.outputs[0]: n.inputs[0] for i, n in enumerate(nodes) if is_split[i] and n.outputs}
+    # a SparseAttention output has its first input's type and shape (like q); ColumnScores' (B, Hq, T, K) float
+    # must be in the graph's value_info
+    like = {n.outputs[0]: n.inputs[0] for i, n in enumerate(nodes)
+            if is_split[i] and n.outputs and n.op_type == "SparseAttention"}
 
     def typed(x: str) -> bool:
         seen = set()
@@ -240,7 +244,11 @@ def build_plan(model_bytes: bytes, graph_file: str, graph_sha256: str) -> tuple[
             if direct:
                 raise SeaEdgeError(f"{graph_file}: {n.op_type} node {n.name!r} reads initializer {direct[0]!r} "
                                    "directly (not supported by the split)")
-            attrs = {"scale": n.float_attribute("scale")} if n.op_type == "SparseAttention" else {}
+            attrs = {"scale": n.float_attribute("scale")}
+            if n.op_type == "ColumnScores":
+                attrs.update(K=n.int_attribute("K", 0), causal=bool(n.int_attribute("causal", 1)))
+                if attrs["K"] < 1:
+                    raise SeaEdgeError(f"{graph_file}: ColumnScores node {n.name!r} has no positive attribute K")
             steps.append(Step("op", n.name or f"{n.op_type}_{idx[0]}", list(n.inputs), outs, n.op_type, attrs))
             continue
         seg_inits = [x for x in step_reads if x in inits]
@@ -403,7 +411,23 @@ def _segment_model(model: w.Model, idx: list[int], ins: list[str], seg_inits: li
             if domain in split_domains and domain not in used_domains:
                 continue  # the custom op's domain: its function is not carried into the segments
         header.append(f.raw)
-    return b"".join(header) + w.message(w.MODEL_GRAPH, graph)
+    return b"".join(header) + w.message(w.MODEL_GRAPH, graph) + b"".join(
+        _functions_called(model, {(g.nodes[i].domain, g.nodes[i].op_type) for i in idx}))
+
+
+def _functions_called(model: w.Model, calls: set[tuple[str, str]]) -> list[bytes]:
+    """The model's local functions that `calls` reach (directly or through other functions' bodies), in the
+    model's order: a segment carries the functions of its own nodes (sea_edge.ColumnScores runs inside a segment,
+    on its ONNX body), not those of the split ops."""
+    by_key = {w.function_key(raw): raw for raw in model.functions}
+    reached, todo = set(), [c for c in calls if c in by_key]
+    while todo:
+        key = todo.pop()
+        if key in reached:
+            continue
+        reached.add(key)
+        todo += [c for c in w.function_calls(by_key[key]) if c in by_key]
+    return [raw for raw in model.functions if w.function_key(raw) in reached]
 
 
 # -- the cache -----------------------------------------------------------------------------------------------------

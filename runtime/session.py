@@ -1,10 +1,11 @@
 """SeaSession: run a folder written by `sea-edge export` (SEA) or by sea_edge.export.dense (the dense baseline)
 with onnxruntime, as a device would: NumPy, onnxruntime and tokenizers only, no torch.
 
-On a GPU, SeaSession(folder, device="cuda") splits each graph at its SparseAttention nodes (segments.py): onnxruntime
-runs the segments on its CUDA provider, the Triton kernel runs the nodes, and the values between them, the KV cache
-and SEA's state included, stay torch tensors on the GPU (executor.py); only what the caller reads (the last logits
-row of a generation step) comes back to the host. torch and triton are imported for that path only.
+On a GPU, SeaSession(folder, device="cuda") splits each graph at its SparseAttention and ColumnScores nodes
+(segments.py): onnxruntime runs the segments on its CUDA provider, our Triton kernels run the nodes, and the values
+between them, the KV cache and SEA's state included, stay torch tensors on the GPU (executor.py); only what the
+caller reads (the last logits row of a generation step) comes back to the host. torch and triton are imported for
+that path only.
 
     s = SeaSession("smollm2-sea")                   # manifest read, every file's sha256 checked, graphs opened
     s.generate("Once upon a time", max_new_tokens=32, stream=print).text
@@ -68,13 +69,13 @@ class RuntimeConfig:
     top of the arena (with the other settings of _session, a SEA prefill at T = 1024 run twice peaked at 1790 MiB
     with it, 1529 MiB without, at the same speed), and generation never repeats a shape anyway."""
     split: bool | None = None
-    """Run each graph as onnxruntime segments cut at its SparseAttention nodes (sea_edge.runtime.segments), the
+    """Run each graph as onnxruntime segments cut at its SparseAttention and ColumnScores nodes (segments.py), the
     nodes computed by `attention`. None: split on CUDA (the nodes run the Triton kernel, the data stays on the GPU),
     whole on CPU (onnxruntime runs the op's function body, the fastest CPU path)."""
     attention: str = "auto"
-    """SparseAttention in a split graph: "triton" (CUDA), "torch" (sea_edge.kernels' plain-torch reference, CPU or
-    CUDA: isolates the kernel from the plumbing), "numpy" (runtime/sparse_attention.py, CPU, no torch needed);
-    "auto" = triton on CUDA, numpy on CPU."""
+    """SparseAttention and ColumnScores in a split graph: "triton" (CUDA), "torch" (sea_edge.kernels' plain-torch
+    references, CPU or CUDA: isolates the kernels from the plumbing), "numpy" (runtime/sparse_attention.py and
+    column_scores.py, CPU, no torch needed); "auto" = triton on CUDA, numpy on CPU."""
     cache_dir: str | None = None
     """Where the segments of split graphs are cached (None: sea_edge.runtime.segments.default_cache_dir())."""
     profile: bool = False

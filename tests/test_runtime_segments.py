@@ -158,6 +158,29 @@ def test_sparse_attention_np_matches_the_reference():
         sparse_attention_np(f["q"][:, :5], f["k"], f["v"], f["idx"], 0.37)
 
 
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("T,S,K", [(37, 37, 8), (1, 53, 8), (5, 29, 16), (9, 9, 32)], ids=str)
+def test_column_scores_np_matches_the_reference(causal, T, S, K):
+    """The NumPy ColumnScores against kernels.reference.column_scores_ref: odd sizes, a decode row (T = 1) and rows
+    behind a longer cache, K > S (empty columns), GQA, left padding, rows split over chunks."""
+    torch = pytest.importorskip("torch")
+    from sea_edge.kernels.reference import column_scores_ref
+    from sea_edge.runtime.column_scores import column_scores_np
+
+    rng = np.random.default_rng(T * 100 + S)
+    q = rng.standard_normal((2, 6, T, 16)).astype(np.float32)
+    k = rng.standard_normal((2, 2, S, 16)).astype(np.float32)
+    valid = np.ones((2, S), bool)
+    valid[1, :4] = False
+    got = column_scores_np(q, k, valid, K, causal, 0.25, chunk=4)
+    ref = column_scores_ref(torch.from_numpy(q), torch.from_numpy(k), K, causal, 0.25, torch.from_numpy(valid))
+    assert got.shape == (2, 6, T, K) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref.numpy(), atol=2e-5, rtol=1e-5)
+    assert np.abs(got).max() > 0.05
+    with pytest.raises(ValueError, match="shape mismatch"):
+        column_scores_np(q, k, valid[:, :-1], K, causal, 0.25)
+
 def test_toy_graph_split_equals_the_whole_graph(tmp_path):
     from sea_edge.runtime.executor import SegmentedGraph
     from sea_edge.runtime.segments import load_plan
