@@ -172,9 +172,12 @@ def test_export_writes_custom_op_function_and_manifest(exported_default):
     n = man["source_model"]["n_layers"]
     for name in ("model.onnx", "decode.onnx"):
         m = onnx.load(str(out / name), load_external_data=False)
-        custom = [nd for nd in m.graph.node if nd.domain == "sea_edge"]
-        assert len(custom) == n and {nd.op_type for nd in custom} == {"SparseAttention"}
-        assert any(f.domain == "sea_edge" and f.name == "SparseAttention" for f in m.functions)
+        custom = [nd.op_type for nd in m.graph.node if nd.domain == "sea_edge"]
+        # per layer the estimate's content term (the embedded estimator has it) and the attention
+        assert custom.count("SparseAttention") == n and custom.count("ColumnScores") == n and len(custom) == 2 * n
+        assert {f.name for f in m.functions if f.domain == "sea_edge"} == {"SparseAttention", "ColumnScores"}
+        body = next(f for f in m.functions if f.name == "ColumnScores")
+        assert any(nd.op_type == "Scan" for nd in body.node) == (name == "model.onnx")  # decode: one row
         assert any(o.domain == "sea_edge" and o.version == 1 for o in m.opset_import)
         # torch.onnx's per-node debug metadata (stack traces, fx nodes: ~15 MB a graph) is not shipped
         assert not any(p.key in DEBUG_METADATA for nd in m.graph.node for p in nd.metadata_props)

@@ -60,10 +60,12 @@ def test_scheme_quantizes_the_default(exported_default, tmp_path, scheme):
         # the Linears and the table)
         nbits = r["quantization"]["weights"] if scheme == "int4" else 1
         assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == nbits
-    for name in ("model.onnx", "decode.onnx"):  # the custom op and its function body survive
+    for name in ("model.onnx", "decode.onnx"):  # the custom ops and their function bodies survive
         m = onnx.load(str(out / name), load_external_data=False)
-        assert sum(n.domain == "sea_edge" for n in m.graph.node) == man["source_model"]["n_layers"]
-        assert any(fn.domain == "sea_edge" and fn.name == "SparseAttention" for fn in m.functions)
+        custom = [n.op_type for n in m.graph.node if n.domain == "sea_edge"]
+        n_layers = man["source_model"]["n_layers"]
+        assert custom.count("SparseAttention") == custom.count("ColumnScores") == n_layers
+        assert {fn.name for fn in m.functions if fn.domain == "sea_edge"} == {"SparseAttention", "ColumnScores"}
     # and it runs in the runtime, which checks every file's sha256 against the manifest
     from sea_edge.runtime import SeaSession
 

@@ -338,11 +338,12 @@ def split(request, exported_default, tmp_path_factory):
                       cache_dir=str(tmp_path_factory.mktemp("segments")))
 
 
-def test_exported_default_splits_into_31_segments(split, exported_default):
+def test_exported_default_splits_into_61_segments(split, exported_default):
     from sea_edge.runtime import SeaSession
 
     g = split._prefill
-    assert g.n_segments == 31 and sum(s.kind == "op" for s in g.plan.steps) == 30
+    ops = [s.op for s in g.plan.steps if s.kind == "op"]  # per layer the estimate's content term and the attention
+    assert g.n_segments == 61 and ops.count("SparseAttention") == ops.count("ColumnScores") == 30 and len(ops) == 60
     assert g.plan.cache == "built"
     again = SeaSession(exported_default.out, split=True, attention="numpy", cache_dir=split.config.cache_dir,
                        verify=False)
@@ -354,7 +355,13 @@ def test_split_prefill_and_generation_equal_the_whole_graph(split, reference):
     the backend's values (one prompt, 32 tokens; a left-padded batch)."""
     got = split.prefill_logits(reference["ids"])
     assert got.shape == reference["logits"].shape == (2, 160, 49152)
-    np.testing.assert_allclose(got, reference["logits"], atol=2e-3, rtol=0)
+    # Rows agree to ~1e-4 (fp32 logits of magnitude ~10, summed in another order by the backend's ops than by the
+    # ONNX function bodies). At a few rows that reassociation flips a near-tied top-k column of the mask, which moves
+    # the row by ~1e-3 (measured: torch 3, numpy 11 rows of 320 over 1e-3, 6.2e-3 at worst); a wrong step is off by
+    # whole units.
+    row_err = np.abs(got - reference["logits"]).max(-1)  # (2, 160)
+    assert (row_err < 1e-3).mean() >= 0.95, np.sort(row_err.ravel())[-8:]
+    np.testing.assert_allclose(got, reference["logits"], atol=2e-2, rtol=0)
     assert (got.argmax(-1) == reference["logits"].argmax(-1)).all()
     res = split.generate(PROMPT, max_new_tokens=32, stop_at_eos=False)
     assert res.tokens == reference["one"] and res.decode_steps == 31
@@ -405,7 +412,8 @@ def test_split_with_the_triton_kernel_interpreted(exported_default, split, whole
     ref = whole.prefill_logits(ids)
     got = s.prefill_logits(ids)
     np.testing.assert_allclose(got, ref, atol=2e-3, rtol=0)
-    assert (got.argmax(-1) == ref.argmax(-1)).all() and s.backend.stats["sparse_attention_calls"] == 30
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    assert s.backend.stats["sparse_attention_calls"] == s.backend.stats["column_scores_calls"] == 30
 
 
 def test_bisect_ep_cpu_against_itself(exported_default):
@@ -415,7 +423,7 @@ def test_bisect_ep_cpu_against_itself(exported_default):
     from sea_edge.runtime.bisect_ep import bisect
 
     r = bisect(exported_default.out, seq_len=32, provider="CPUExecutionProvider", progress=lambda *_: None)
-    assert len(r["segments"]) == 31 and all(s["worst_rel_diff"] == 0 for s in r["segments"])
+    assert len(r["segments"]) == 61 and all(s["worst_rel_diff"] == 0 for s in r["segments"])
     assert r["first_bad_segment"] is None and "every segment within" in r["verdict"]
     r = bisect(exported_default.out, seq_len=32, decode=True, provider="CPUExecutionProvider", tol=-1,
                progress=lambda *_: None)
