@@ -335,3 +335,16 @@ def test_bench_gpu_report(tmp_path):
 
     smoke = smoke_test(tmp_path / "smoke", attention="torch", device="cpu")  # the preflight's graph, on the CPU
     assert smoke["ok"] and smoke["steps"] == 5 and smoke["stats"].get("handoffs_copied", 0) == 0, smoke
+
+
+def test_bench_column_scores_checks_itself_on_the_cpu(tmp_path, capsys):
+    """The one-layer ColumnScores bench without CUDA: onnxruntime's CPU provider on the function body against the
+    torch reference, odd lengths; the table printed and the JSON written."""
+    pytest.importorskip("torch")
+    from sea_edge.runtime.bench_column_scores import main
+
+    assert main(["--lengths", "37,130", "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "bench_column_scores.json").read_text())
+    assert [r["T"] for r in rep["rows"]] == [37, 130] and rep["versions"]["provider"] == "CPUExecutionProvider"
+    assert all(r["max_abs_diff"] < 1e-4 and r["scale_of_scores"] > 1 and r["onnx_body_ms"] > 0 for r in rep["rows"])
+    assert "ONNX body ms" in capsys.readouterr().out
