@@ -51,7 +51,7 @@ import numpy as np
 from sea_edge.errors import SeaEdgeError
 
 from .column_scores import column_scores_np
-from .segments import SegmentPlan, Step
+from .segments import SPLIT_OPS, SegmentPlan, Step
 from .sparse_attention import sparse_attention_np
 
 __all__ = ["ENV_ALLOCATORS", "EXTERNAL_DATA_FOLDER", "RECORD_PLACEMENT", "NumpyBackend", "SegmentedGraph",
@@ -349,7 +349,7 @@ class SegmentedGraph:
         for s in plan.steps:
             if s.kind == "ort":
                 self.sessions[s.name] = open_session(s)
-            elif s.op not in ("SparseAttention", "ColumnScores"):
+            elif s.op not in {op for _, op in SPLIT_OPS}:
                 raise SeaEdgeError(f"no implementation for split node {s.op!r} ({s.name})")
         self.input_names = list(plan.inputs)
         self.overridable = set(plan.overridable)

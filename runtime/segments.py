@@ -417,8 +417,8 @@ def _segment_model(model: w.Model, idx: list[int], ins: list[str], seg_inits: li
 
 def _functions_called(model: w.Model, calls: set[tuple[str, str]]) -> list[bytes]:
     """The model's local functions that `calls` reach (directly or through other functions' bodies), in the
-    model's order: a segment carries the functions of its own nodes (sea_edge.ColumnScores runs inside a segment,
-    on its ONNX body), not those of the split ops."""
+    model's order: a segment carries the functions of its own nodes (any local function a future graph calls
+    outside SPLIT_OPS), not those of the split ops."""
     by_key = {w.function_key(raw): raw for raw in model.functions}
     reached, todo = set(), [c for c in calls if c in by_key]
     while todo:
