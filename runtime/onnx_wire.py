@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["Field", "Graph", "Model", "Node", "WireError", "function_calls", "function_key", "int64_tensor",
            "int_field", "message", "node", "parse_model", "read_fields", "static_dims", "string_field", "tensor_dims",
-           "tensor_ints", "value_info"]
+           "tensor_ints", "value_info", "value_info_like"]
 
 # ModelProto
 MODEL_IR_VERSION, MODEL_OPSET_IMPORT, MODEL_GRAPH, MODEL_FUNCTIONS = 1, 8, 7, 25
@@ -34,7 +34,7 @@ ATTR_TYPE_INT = 2
 TENSOR_DIMS, TENSOR_DATA_TYPE, TENSOR_INT64_DATA, TENSOR_NAME, TENSOR_RAW_DATA = 1, 2, 7, 8, 9
 INT64 = 7
 SPARSE_VALUES, VALUE_INFO_NAME, VALUE_INFO_TYPE = 1, 1, 2
-TYPE_TENSOR, TENSOR_TYPE_SHAPE, SHAPE_DIM, DIM_VALUE = 1, 2, 1, 1
+TYPE_TENSOR, TENSOR_TYPE_ELEM, TENSOR_TYPE_SHAPE, SHAPE_DIM, DIM_VALUE = 1, 1, 2, 1, 1
 
 
 class WireError(ValueError):
@@ -117,6 +117,17 @@ def string_field(number: int, s: str) -> bytes:
 def value_info(name: str) -> bytes:
     """A ValueInfoProto with a name and no type (onnxruntime infers a graph output's type)."""
     return string_field(VALUE_INFO_NAME, name)
+
+
+def value_info_like(name: str, other_payload: bytes) -> bytes | None:
+    """A ValueInfoProto named `name` with the tensor element type of another ValueInfoProto and no shape; None
+    when the other one has no tensor type."""
+    t = next((f.value for f in read_fields(other_payload) if f.number == VALUE_INFO_TYPE), None)
+    tensor = next((f.value for f in read_fields(t) if f.number == TYPE_TENSOR), None) if t else None
+    if tensor is None:
+        return None
+    elem = b"".join(f.raw for f in read_fields(tensor) if f.number == TENSOR_TYPE_ELEM)
+    return string_field(VALUE_INFO_NAME, name) + message(VALUE_INFO_TYPE, message(TYPE_TENSOR, elem))
 
 
 def node(op_type: str, inputs: list[str], outputs: list[str], name: str, int_attributes: dict | None = None) -> bytes:

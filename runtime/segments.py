@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -41,13 +42,19 @@ from sea_edge.errors import SeaEdgeError
 from . import onnx_wire as w
 from .manifest import sha256_file
 
-__all__ = ["FORMAT", "SPLIT_OPS", "SegmentPlan", "Step", "build_plan", "default_cache_dir", "load_plan"]
+__all__ = ["FORMAT", "HEAD_OUTPUT", "MODES", "SPLIT_OPS", "SegmentPlan", "Step", "build_plan", "default_cache_dir",
+           "head_node", "load_plan"]
 
-FORMAT, FORMAT_TAG = "sea-edge-segments/4", "seg4"  # 3: segments carry the local functions their nodes call;
-# 4: cut at ColumnScores too
+FORMAT, FORMAT_TAG = "sea-edge-segments/5", "seg5"  # 3: segments carry the local functions their nodes call;
+# 4: cut at ColumnScores too; 5: the split mode (ops / head)
 SPLIT_OPS = {("sea_edge", "SparseAttention"): ("q", "k", "v", "idx"),
              ("sea_edge", "ColumnScores"): ("q", "k", "key_valid")}
 """(domain, op_type) of the nodes the graph is cut at -> their input names, in order."""
+MODES = ("ops", "head")
+"""How a graph is split: "ops" at its SPLIT_OPS nodes (the CUDA path), "head" before its lm_head (the CPU path: the
+body's arena is given back before the (B, T, V) logits are allocated; see sea_edge.runtime.session)."""
+HEAD_OUTPUT, HEAD_OPS = "logits", ("MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul")
+_LAYOUT_OPS = ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Transpose")
 
 
 def default_cache_dir() -> Path:
@@ -76,12 +83,14 @@ class SegmentPlan:
 
     graph_file: str
     graph_sha256: str
+    mode: str  # "ops" or "head" (MODES)
     inputs: list[str]  # the original graph's inputs, in order
     outputs: list[str]  # its outputs, in order
     overridable: list[str]  # graph inputs that have an initializer (a default value), e.g. num_logits_to_keep
     steps: list[Step]
     segment_files: dict[str, dict]  # segment file -> {"bytes": n, "sha256": hex}
     rewrites: dict = field(default_factory=dict)  # {rewrite: nodes} applied while splitting (split_sequences)
+    defaults: dict = field(default_factory=dict)  # mode "head": {overridable int64 input: its default values}
     cache: str = ""  # "built", "read", "rebuilt: <why>", "memory: <why>"
     entry: Path | None = None  # the cache entry folder (None: kept in memory)
     _memory: dict[str, bytes] = field(default_factory=dict, repr=False)
@@ -96,8 +105,9 @@ class SegmentPlan:
         return sum(s.kind == "ort" for s in self.steps)
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "graph_file": self.graph_file, "graph_sha256": self.graph_sha256,
+        return {"format": FORMAT, "graph_file": self.graph_file, "graph_sha256": self.graph_sha256, "mode": self.mode,
                 "inputs": self.inputs, "outputs": self.outputs, "overridable": self.overridable,
+                "defaults": self.defaults,
                 "steps": [asdict(s) for s in self.steps], "segment_files": self.segment_files,
                 "rewrites": self.rewrites}
 
@@ -107,8 +117,30 @@ def _payload(raw_field: bytes) -> bytes:
     return w.read_fields(raw_field)[0].value
 
 
-def build_plan(model_bytes: bytes, graph_file: str, graph_sha256: str) -> tuple[SegmentPlan, dict[str, bytes]]:
-    """Split a ModelProto at its SPLIT_OPS nodes. Returns the plan and {segment file name: ModelProto bytes}."""
+def head_node(g: w.Graph, graph_file: str = "graph") -> int:
+    """Index of the node that starts the head of a language model's graph: the matrix product that makes its
+    HEAD_OUTPUT, directly or through layout ops only (the lm_head: after the final norm and any slicing)."""
+    producer = {o: i for i, n in enumerate(g.nodes) for o in n.outputs if o}
+    x, seen = HEAD_OUTPUT, set()
+    while x in producer and x not in seen:
+        seen.add(x)
+        n = g.nodes[producer[x]]
+        if n.op_type in HEAD_OPS:
+            return producer[x]
+        if n.op_type not in _LAYOUT_OPS:
+            break
+        x = n.inputs[0] if n.inputs else ""
+    raise SeaEdgeError(f"{graph_file}: no matrix product ({', '.join(HEAD_OPS)}) produces the {HEAD_OUTPUT!r} output "
+                       "(cannot cut the graph before its head)")
+
+
+def build_plan(model_bytes: bytes, graph_file: str, graph_sha256: str,
+               mode: str = "ops") -> tuple[SegmentPlan, dict[str, bytes]]:
+    """Split a ModelProto. mode "ops": at its SPLIT_OPS nodes (the split nodes become "op" steps); "head": into two
+    onnxruntime segments, the body and the head (head_node and what follows it), and nothing else. Returns the plan
+    and {segment file name: ModelProto bytes}."""
+    if mode not in MODES:
+        raise SeaEdgeError(f"unknown split mode {mode!r}: use one of {', '.join(MODES)}")
     try:
         model = w.parse_model(model_bytes)
     except w.WireError as exc:
@@ -118,12 +150,24 @@ def build_plan(model_bytes: bytes, graph_file: str, graph_sha256: str) -> tuple[
     nodes = g.nodes
     inits = set(g.initializers) | set(g.sparse_initializers)
     graph_inputs, graph_outputs = list(g.inputs), list(g.outputs)
-    is_split = [(n.domain, n.op_type) in SPLIT_OPS for n in nodes]
+    split_ops = SPLIT_OPS if mode == "ops" else {}
+    is_split = [(n.domain, n.op_type) in split_ops for n in nodes]
+    # a barrier node starts a new segment (its stage is one past its inputs'), an onnxruntime node all the same
+    barrier = head_node(g, graph_file) if mode == "head" else -1
+    if barrier >= 0:  # the head's activation input crosses the cut: onnxruntime needs its type (the logits' dtype)
+        x = nodes[barrier].inputs[0]
+        if x not in g.inputs and x not in g.value_info and x not in g.outputs:
+            vi = w.value_info_like(x, _payload(g.outputs[HEAD_OUTPUT]))
+            if vi is None:
+                raise SeaEdgeError(f"{graph_file}: the {HEAD_OUTPUT!r} output has no tensor type")
+            g.value_info[x] = w.message(w.GRAPH_VALUE_INFO, vi)
     reads = [[x for x in [*n.inputs, *n.implicit_inputs] if x] for n in nodes]
 
     # stage (ASAP) and "free" (computable from the graph inputs and initializers alone) of every value
+    # (mode "head": from the initializers alone, so that only constants, e.g. a transposed tied embedding, move
+    # into the head; the body's own work stays in the body)
     stage: dict[str, int] = {x: 0 for x in [*graph_inputs, *inits]}
-    free: dict[str, bool] = {x: True for x in stage}
+    free: dict[str, bool] = {x: mode == "ops" or x in inits for x in stage}
     producer: dict[str, int] = {}
     asap: list[int] = []
     for i, n in enumerate(nodes):
@@ -131,8 +175,8 @@ def build_plan(model_bytes: bytes, graph_file: str, graph_sha256: str) -> tuple[
         if missing:
             raise SeaEdgeError(f"{graph_file}: node {n.name or n.op_type} reads {missing[0]!r}, which no earlier "
                                "node, input or initializer defines (the graph is not topologically sorted)")
-        asap.append(max((stage[x] for x in reads[i]), default=0))
-        node_free = not is_split[i] and all(free[x] for x in reads[i])
+        asap.append(max((stage[x] for x in reads[i]), default=0) + (1 if i == barrier else 0))
+        node_free = not is_split[i] and i != barrier and all(free[x] for x in reads[i])
         for o in n.outputs:
             if o:
                 stage[o], free[o], producer[o] = asap[i] + (1 if is_split[i] else 0), node_free, i
@@ -231,6 +275,15 @@ def build_plan(model_bytes: bytes, graph_file: str, graph_sha256: str) -> tuple[
     if left:
         raise SeaEdgeError(f"{graph_file}: value {left[0]!r} is read but no step produces it before")
 
+    defaults = {}
+    if mode == "head":
+        for x in graph_inputs:
+            if x in g.initializers:
+                values, dims = w.tensor_ints(_payload(g.initializers[x])), w.tensor_dims(_payload(g.initializers[x]))
+                if values is None or len(values) != math.prod(dims):  # not int64, or external data
+                    raise SeaEdgeError(f"{graph_file}: overridable input {x!r} is not an inline int64 tensor (not "
+                                       "supported by the head split)")
+                defaults[x] = {"dims": dims, "values": values}
     steps, files = [], {}
     split_domains = {d for d, _ in SPLIT_OPS}
     for kind, idx, step_reads, outs in planned:
@@ -251,15 +304,18 @@ def build_plan(model_bytes: bytes, graph_file: str, graph_sha256: str) -> tuple[
                     raise SeaEdgeError(f"{graph_file}: ColumnScores node {n.name!r} has no positive attribute K")
             steps.append(Step("op", n.name or f"{n.op_type}_{idx[0]}", list(n.inputs), outs, n.op_type, attrs))
             continue
-        seg_inits = [x for x in step_reads if x in inits]
+        # mode "head": an overridable initializer is a plain input of its segment (the runtime feeds the default:
+        # onnxruntime's IO binding cannot bind an initializer)
+        seg_inits = [x for x in step_reads if x in inits and (mode == "ops" or x not in graph_inputs)]
         ins = [x for x in step_reads if x not in inits or x in graph_inputs]  # overridable initializers stay inputs
         produced = [o for i in idx for o in nodes[i].outputs if o]
         name = f"seg-{len(files):03d}.onnx"
         files[name] = _segment_model(model, idx, ins, seg_inits, outs, produced, f"{g.name or 'graph'}_{name[:-5]}",
                                      split_domains, graph_file, like)
         steps.append(Step("ort", name, ins, outs, nodes=len(idx)))
-    plan = SegmentPlan(graph_file=graph_file, graph_sha256=graph_sha256, inputs=graph_inputs,
+    plan = SegmentPlan(graph_file=graph_file, graph_sha256=graph_sha256, mode=mode, inputs=graph_inputs,
                        outputs=graph_outputs, overridable=[x for x in graph_inputs if x in inits], steps=steps,
+                       defaults=defaults,
                        segment_files={n: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
                                       for n, b in files.items()}, rewrites=rewrites)
     return plan, files
@@ -431,7 +487,7 @@ def _functions_called(model: w.Model, calls: set[tuple[str, str]]) -> list[bytes
 
 
 # -- the cache -----------------------------------------------------------------------------------------------------
-def _check_entry(entry: Path, sha: str) -> tuple[SegmentPlan | None, str]:
+def _check_entry(entry: Path, sha: str, mode: str) -> tuple[SegmentPlan | None, str]:
     """(plan, "") when `entry` is a whole, matching cache entry, else (None, why)."""
     try:
         meta = json.loads((entry / "plan.json").read_text(encoding="utf-8"))
@@ -439,7 +495,8 @@ def _check_entry(entry: Path, sha: str) -> tuple[SegmentPlan | None, str]:
         return None, "no plan.json"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return None, f"unreadable plan.json ({type(exc).__name__})"
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("graph_sha256") != sha:
+    if (not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("graph_sha256") != sha
+            or meta.get("mode") != mode):
         return None, "plan.json of another format or graph"
     try:
         steps = [Step(**s) for s in meta["steps"]]
@@ -451,8 +508,9 @@ def _check_entry(entry: Path, sha: str) -> tuple[SegmentPlan | None, str]:
             p = entry / name
             if not p.is_file() or p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
                 return None, f"{name} is missing or fails its sha256 check"
-        plan = SegmentPlan(graph_file=meta["graph_file"], graph_sha256=sha, inputs=meta["inputs"],
+        plan = SegmentPlan(graph_file=meta["graph_file"], graph_sha256=sha, mode=mode, inputs=meta["inputs"],
                            outputs=meta["outputs"], overridable=meta["overridable"], steps=steps,
+                           defaults=meta.get("defaults", {}),
                            segment_files=files, rewrites=meta.get("rewrites", {}), cache="read", entry=entry)
     except (KeyError, TypeError) as exc:
         return None, f"malformed plan.json ({exc})"
@@ -482,17 +540,20 @@ def _write_entry(root: Path, entry: Path, plan: SegmentPlan, files: dict[str, by
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_plan(folder: str | Path, graph_file: str, cache_dir: str | Path | None = None) -> SegmentPlan:
-    """The split of `folder/graph_file`: read from the cache when a whole entry for this graph's sha256 is there,
-    else built (and cached). `cache_dir` None: default_cache_dir()."""
+def load_plan(folder: str | Path, graph_file: str, cache_dir: str | Path | None = None,
+              mode: str = "ops") -> SegmentPlan:
+    """The split of `folder/graph_file` (mode: see MODES): read from the cache when a whole entry for this graph's
+    sha256 and mode is there, else built (and cached). `cache_dir` None: default_cache_dir()."""
+    if mode not in MODES:
+        raise SeaEdgeError(f"unknown split mode {mode!r}: use one of {', '.join(MODES)}")
     folder = Path(folder)
     path = folder / graph_file
     sha = sha256_file(path)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    entry = root / f"{sha}.{FORMAT_TAG}"
+    entry = root / f"{sha}.{FORMAT_TAG}{'' if mode == 'ops' else '-' + mode}"
     why = ""
     if entry.is_dir():
-        plan, why = _check_entry(entry, sha)
+        plan, why = _check_entry(entry, sha, mode)
         if plan is not None:
             return plan
         bad = entry.with_name(f".{entry.name}.bad-{os.getpid()}")
@@ -501,11 +562,11 @@ def load_plan(folder: str | Path, graph_file: str, cache_dir: str | Path | None 
             shutil.rmtree(bad, ignore_errors=True)
         except OSError:
             pass
-    plan, files = build_plan(path.read_bytes(), graph_file, sha)
+    plan, files = build_plan(path.read_bytes(), graph_file, sha, mode)
     try:
         root.mkdir(parents=True, exist_ok=True)
         _write_entry(root, entry, plan, files)
-        cached, why2 = _check_entry(entry, sha)
+        cached, why2 = _check_entry(entry, sha, mode)
         if cached is None:
             raise OSError(f"the entry just written does not read back: {why2}")
         cached.cache = f"rebuilt: {why}" if why else "built"
