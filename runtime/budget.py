@@ -30,20 +30,26 @@ What the analytic model counts (bytes at the peak of one prefill; fp32 activatio
     activations      hidden states and the MLP at the peak, (B, T, E) and (B, T, I) fp32
     allocator_slack  what onnxruntime's arena holds beyond the live tensors (calibrated: a fraction of the above)
 
-Where the peak is. onnxruntime's CPU arena never returns memory, so what the layers touched stays resident. SEA's
-per-layer buffers are small and interleaved with long-lived ones, so the (B, T, V) logits cannot reuse them and land
-in fresh arena memory: SEA's peak is the last layer's working set plus the logits. Dense attention frees one large
-(B, H, T, S) block per layer, which the logits then reuse: dense's peak is the larger of the two moments.
+Where the peak is. onnxruntime's CPU arena never returns memory within a session, so what the layers touched stays
+resident. SEA's per-layer buffers are small and interleaved with long-lived ones, so in one session the (B, T, V)
+logits cannot reuse them and land in fresh arena memory: the last layer's working set plus the logits. The runtime
+therefore cuts the graph before its lm_head (SETTINGS["head_split"], sea_edge.runtime.executor.HeadSplitGraph): the
+body's arena is given back after its run and the head allocates the logits on top of the weights, the state and a
+residue (head_residue, a fraction of the state) only, so with every position's logits SEA's peak is the larger of
+the body's and the head's. With the last position's logits the body's peak is the peak, as in one session. Dense
+attention frees one large (B, H, T, S) block per layer, which the logits reuse: dense's peak is the larger of the
+two moments (its attention, from T ~ 2048 on).
 
 The model is for the onnxruntime settings of sea_edge.runtime.measure.SETTINGS (CPU arena on, priority execution
 order, memory reuse off), calibrated on the default export (SmolLM2-135M, onnxruntime 1.32, x86-64, 2 threads)
 against measure_peak (CALIBRATION holds the figures). Analytic vs measured peak, MiB:
 
     T                         1024           2048           4096           8192
-    SEA fp32, all logits   1253 / 1242                   2309 / 2336    3757 / 3751   (+0.9%, -1.2%, +0.2%)
+    SEA fp32, all logits   1060 / 1105    1245 / 1288    1764 / 1796    2802 / 2790   (-4.1%, -3.3%, -1.8%, +0.4%)
     SEA fp32, last logit   1061 / 1033                   1541 / 1564    2221 / 2222   (+2.7%, -1.5%, -0.0%)
-    SEA int8, all logits    998 / 953                    2054 / 2043    3502 / 3448   (+4.8%, +0.5%, +1.6%)
-    dense fp32 (optimum)    963 / 1070    1583 / 1611    3872 / 3810   12660 / 12670  (-10.0%, -1.7%, +1.6%, -0.1%)
+    dense fp32 (optimum)    963 / 922     1583 / 1491    3871 / 3711   12660 / 13012  (+4.4%, +6.2%, +4.3%, -2.7%)
+    (head split; before it, in one session: SEA all logits 1242 / 2336 / 3751 MiB at T = 1024 / 4096 / 8192, SEA
+    int8 all logits 953 / 2043 / 3448 (not re-measured since), dense 1070 / 1611 / 3810 / 12670)
 
 onnxruntime's own defaults (depth-first order, reuse on) hold about twice the activations: see measure.py.
 """
@@ -99,11 +105,11 @@ CALIBRATION = {
     "runtime_base_bytes": 48 * MiB,
     "session_bytes_per_layer": {"sea": 0, "dense": 1 * MiB},
     "allocator_slack": 0.35,
+    "head_residue": 0.45,
     "dense_score_copies": 3.5,
-    "measured_peak_mib": {"sea": {"1024": 1242, "4096": 2336, "8192": 3751},
+    "measured_peak_mib": {"sea": {"1024": 1105, "2048": 1288, "4096": 1796, "8192": 2790},
                           "sea_last_logit": {"1024": 1033, "4096": 1564, "8192": 2222},
-                          "sea_int8": {"1024": 953, "4096": 2043, "8192": 3448},
-                          "dense": {"1024": 1070, "2048": 1611, "4096": 3810, "8192": 12670}},
+                          "dense": {"1024": 922, "2048": 1491, "4096": 3711, "8192": 13012}},
     "source": "measure_peak on the default export (SmolLM2-135M, fp32, B=1, linear weights stored transposed, mask "
               "compaction without a final sort), onnxruntime 1.32.0, x86-64, 2 threads, SETTINGS. runtime_base = "
               "VmRSS with numpy + onnxruntime imported (46-48 MiB); session_bytes_per_layer (sea) = 0: VmRSS after "
@@ -113,7 +119,9 @@ CALIBRATION = {
               "11 MiB/layer at T=4096, as counted); allocator_slack = the arena's resident bytes beyond the live "
               "tensors as a fraction of the non-weight peak (0.20, fitted on the measured peaks above); "
               "dense_score_copies: the dense optimum graph's attention holds ~4.5 (B, H, T, S) fp32 buffers at its "
-              "peak (measured dense peaks above, runtime bench of the optimum export).",
+              "peak (measured dense peaks above, runtime bench of the optimum export); head_residue: what the "
+              "head split's body leaves resident beyond its state outputs, as a fraction of them (fitted: ~95 MiB "
+              "at T=4096, 2026-12-06).",
 }
 DENSE_SCORE_COPIES = CALIBRATION["dense_score_copies"]
 
@@ -472,10 +480,27 @@ def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = N
                         2 * B * Hkv * N * m * W * f32 + 2 * B * H * T * W * f32,
                         3 * B * H * 64 * w * D * f32 + 2 * B * H * S * D * f32 + 2 * B * H * T * w * i64,
                         scores)
-        # the arena keeps what the last layer touched; the logits come on top (module docstring)
-        comp.update(sea_mask=L * retained_layer, attention=transient, activations=hidden + mlp + hidden,
-                    logits=logits)
-        phase = "lm_head"
+        comp.update(sea_mask=L * retained_layer, attention=transient, activations=hidden + mlp + hidden)
+        if kept == "last" or not SETTINGS["head_split"]:
+            # the arena keeps what the last layer touched; the logits come on top (module docstring)
+            comp["logits"] = logits
+            phase = "lm_head"
+        else:
+            # cut before the lm_head: the body's peak (its last layers), then, its arena given back, the head's:
+            # the state and the cut on top of the weights, the logits, and what the body could not give back
+            body = dict(comp)
+            body["allocator_slack"] = int(CALIBRATION["allocator_slack"]
+                                          * sum(v for k, v in body.items() if k not in ("weights", "runtime")))
+            head = dict.fromkeys(COMPONENTS, 0)
+            head.update(weights=comp["weights"], runtime=comp["runtime"], kv_cache=comp["kv_cache"],
+                        sea_state=comp["sea_state"], logits=logits, activations=B * T * E * f32)
+            head["allocator_slack"] = int(CALIBRATION["head_residue"] * (head["kv_cache"] + head["sea_state"]))
+            if sum(head.values()) >= sum(body.values()):
+                comp, phase = {k: int(v) for k, v in head.items()}, "lm_head"
+            else:
+                comp, phase = {k: int(v) for k, v in body.items()}, "attention"
+            return {"components": comp, "total_bytes": sum(comp.values()), "peak_phase": phase,
+                    "attention": attention, "logits": kept}
     else:
         causal_mask = B * T * S * f32  # (B, 1, T, S), built once and read by every layer
         scores = DENSE_SCORE_COPIES * B * H * T * S * f32  # scores, masked scores, softmax, and what the arena keeps

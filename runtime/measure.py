@@ -23,6 +23,10 @@ resident at once; sea_edge.runtime.budget models the same settings:
 - arena True: onnxruntime's CPU arena (BFC) with its default growth by powers of two. Pages it reserved but never
   touched are not resident, so its RSS stays near the live bytes; "same_as_requested" fragments more, and plain
   malloc (arena False) on glibc most.
+- head_split True: the graph runs as SeaSession runs it on the CPU, two sessions cut before the lm_head, the
+  layers' arena given back (shrunk) before a long prefill's (B, T, V) logits are allocated
+  (sea_edge.runtime.executor.HeadSplitGraph). With all logits at T = 4096: SEA 2452 -> 1825 MiB, dense
+  3837 -> 3742 MiB; with the last position's logits nothing changes (no shrink, the same body).
 
 Measured on the default export (SmolLM2-135M fp32, onnxruntime 1.32, 2 threads), peak RSS of one prefill:
 
@@ -50,7 +54,7 @@ __all__ = ["GRAPHS", "MEASURE_KEYS", "SETTINGS", "measure_peak"]
 
 GRAPHS = ("prefill", "decode")
 SETTINGS = {"arena": True, "arena_extend_strategy": "next_power_of_two", "execution_order": "priority",
-            "mem_reuse": False, "mem_pattern": False, "graph_optimization_level": "all"}
+            "mem_reuse": False, "mem_pattern": False, "graph_optimization_level": "all", "head_split": True}
 """The onnxruntime settings measure_peak uses unless told otherwise (and that budget.py models)."""
 MEASURE_KEYS = ("peak_rss_bytes", "rss_after_load", "load_peak_rss_bytes", "rss_after_run", "rss_baseline",
                 "seconds", "load_seconds", "settings", "graph", "T", "B", "past", "folder", "logits")
@@ -91,7 +95,26 @@ if job['threads']:
 for key, value in job['session_config'].items():
     so.add_session_config_entry(key, value)
 t0 = time.perf_counter()
-sess = ort.InferenceSession(job['model'], so, providers=['CPUExecutionProvider'])
+graph = None
+if job['head_split']:  # as SeaSession runs it on the CPU (sea_edge.runtime.executor.HeadSplitGraph)
+    from sea_edge.errors import SeaEdgeError
+    from sea_edge.runtime.executor import EXTERNAL_DATA_FOLDER, HeadSplitGraph
+    from sea_edge.runtime.segments import load_plan
+    try:
+        plan = load_plan(job['folder'], job['model_file'], mode='head')
+    except SeaEdgeError:
+        plan = None
+    if plan is not None:
+        so.add_session_config_entry(EXTERNAL_DATA_FOLDER, job['folder'])
+        graph = HeadSplitGraph(plan, lambda st: ort.InferenceSession(plan.segment_bytes(st), so,
+                               providers=['CPUExecutionProvider']), job['state_shapes'], job['vocab'],
+                               job['hidden_size'])
+if graph is None:
+    sess = ort.InferenceSession(job['model'], so, providers=['CPUExecutionProvider'])
+    inputs, overridable = sess.get_inputs(), {i.name for i in sess.get_overridable_initializers()}
+else:
+    inputs = [i for i in graph.body.get_inputs() if i.name not in graph.plan.defaults]
+    overridable = set(graph.overridable)
 load_seconds = time.perf_counter() - t0
 loaded = status()
 B, T, P = job['B'], job['T'], job['past']
@@ -99,7 +122,7 @@ rng = np.random.default_rng(job['seed'])
 DT = {'tensor(float)': np.float32, 'tensor(float16)': np.float16, 'tensor(int64)': np.int64,
       'tensor(int32)': np.int32}
 feeds = {}
-for i in sess.get_inputs():
+for i in inputs:
     dt = DT.get(i.type, np.float32)
     if i.name == 'input_ids':
         feeds[i.name] = rng.integers(0, job['vocab'], (B, T), dtype=np.int64).astype(dt)
@@ -111,20 +134,20 @@ for i in sess.get_inputs():
         shape = [B if j == 0 else (d if isinstance(d, int) else P) for j, d in enumerate(i.shape)]
         feeds[i.name] = (rng.standard_normal(shape).astype(dt) if np.issubdtype(dt, np.floating)
                          else np.zeros(shape, dt))
-keep = job['keep_last'] and job['logits_to_keep'] in {i.name for i in sess.get_overridable_initializers()}
+keep = job['keep_last'] and job['logits_to_keep'] in overridable
 if keep:
     feeds[job['logits_to_keep']] = np.ones(1, np.int64)
 with open('/proc/self/clear_refs', 'w') as f:
     f.write('5')
 t0 = time.perf_counter()
-outs = sess.run(None, feeds)
+outs = sess.run(None, feeds) if graph is None else graph.run(list(graph.plan.outputs), feeds)
 seconds = time.perf_counter() - t0
 after = status()
 print(json.dumps({'peak_rss_bytes': after['VmHWM'], 'rss_after_run': after['VmRSS'],
     'rss_after_load': loaded['VmRSS'], 'load_peak_rss_bytes': loaded['VmHWM'], 'rss_baseline': baseline,
     'seconds': seconds, 'load_seconds': load_seconds, 'output_bytes': int(sum(o.nbytes for o in outs)),
     'onnxruntime': ort.__version__, 'intra_op_threads': so.intra_op_num_threads,
-    'logits': 'last' if keep else 'all'}))
+    'logits': 'last' if keep else 'all', 'head_split': graph is not None}))
 """
 
 
@@ -144,7 +167,8 @@ def measure_peak(folder: str | Path, T: int, B: int = 1, graph: str = "prefill",
                  arena: bool = True, *, arena_extend_strategy: str = SETTINGS["arena_extend_strategy"],
                  execution_order: str = SETTINGS["execution_order"], mem_reuse: bool = SETTINGS["mem_reuse"],
                  mem_pattern: bool = SETTINGS["mem_pattern"], optimization: str = "all", seed: int = 0,
-                 timeout: float | None = 1800.0, keep_last: bool = False) -> dict:
+                 timeout: float | None = 1800.0, keep_last: bool = False,
+                 head_split: bool = SETTINGS["head_split"]) -> dict:
     """Peak resident memory of one run of an exported graph, measured in a fresh process (see module docstring).
 
     folder: a folder written by `sea-edge export` (or the dense baseline). T: tokens of the prefill, or for
@@ -152,7 +176,9 @@ def measure_peak(folder: str | Path, T: int, B: int = 1, graph: str = "prefill",
     (None = onnxruntime's default, one per physical core). arena, arena_extend_strategy ("next_power_of_two" is
     onnxruntime's default, "same_as_requested"), execution_order ("priority" or "default"), mem_reuse, mem_pattern,
     optimization ("off", "basic", "extended", "all"): onnxruntime session settings, SETTINGS by default; the
-    manifest's quantization.session_config entries are applied as the runtime applies them. keep_last: a prefill
+    manifest's quantization.session_config entries are applied as the runtime applies them. head_split: run the
+    graph as SeaSession does on the CPU, cut before its lm_head (executor.HeadSplitGraph; where the graph has one;
+    settings["head_split"] says whether it was). keep_last: a prefill
     returns the last position's logits only (the LOGITS_TO_KEEP input, where the graph has it; result "logits").
     Inputs are random token ids from the vocabulary (and random past states for decode). The child
     runs without this process's MALLOC_* tuning and LD_PRELOAD, which would change what is measured.
@@ -196,7 +222,9 @@ def measure_peak(folder: str | Path, T: int, B: int = 1, graph: str = "prefill",
            "seed": seed, "threads": threads, "arena": bool(arena), "arena_strategy": _STRATEGIES[arena_extend_strategy],
            "execution_order": _ORDERS[execution_order], "mem_reuse": bool(mem_reuse), "mem_pattern": bool(mem_pattern),
            "graph_optimization_level": optimization, "keep_last": bool(keep_last) and graph == "prefill",
-           "logits_to_keep": LOGITS_TO_KEEP,
+           "logits_to_keep": LOGITS_TO_KEEP, "head_split": bool(head_split), "folder": str(folder.resolve()),
+           "model_file": model_file, "state_shapes": man["graphs"].get("state_shapes") or {},
+           "hidden_size": sm.get("hidden_size"),
            "session_config": dict((man.get("quantization") or {}).get("session_config") or {})}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "LD_PRELOAD"))}
     t0 = time.time()
@@ -216,7 +244,8 @@ def measure_peak(folder: str | Path, T: int, B: int = 1, graph: str = "prefill",
     settings = {"arena": bool(arena), "arena_extend_strategy": arena_extend_strategy if arena else None,
                 "execution_order": execution_order, "mem_reuse": bool(mem_reuse), "mem_pattern": bool(mem_pattern),
                 "graph_optimization_level": optimization, "intra_op_threads": threads,
-                "onnxruntime": res.pop("onnxruntime"), "provider": "CPUExecutionProvider"}
+                "head_split": res.pop("head_split"), "onnxruntime": res.pop("onnxruntime"),
+                "provider": "CPUExecutionProvider"}
     res.pop("intra_op_threads", None)
     res.update(settings=settings, graph=graph, T=T, B=B, past=past, folder=str(folder), model_file=model_file,
                wall_seconds=time.time() - t0)

@@ -169,9 +169,23 @@ def test_estimate_components_and_growth():
         sea = bd.estimate_peak(dims, T)
         assert sea["total_bytes"] > prev
         prev = sea["total_bytes"]
-    e = bd.estimate_peak(dims, 8192, B=2)
-    assert e["components"]["logits"] == 2 * 8192 * 49152 * 4  # (B, T, V) fp32
+    e = bd.estimate_peak(dims, 8192, B=2, logits="last")
+    assert e["components"]["logits"] == 2 * 49152 * 4  # (B, 1, V) fp32
     assert e["components"]["kv_cache"] == 30 * 2 * 2 * 3 * 8192 * 64 * 4
+    # every position's logits, the graph cut before the lm_head: the peak is the larger of the body's (the layers,
+    # as with the last position's logits, less those) and the head's (the (B, T, V) logits on top of the weights,
+    # the state, the cut and the body's residue, nothing of the layers)
+    for T in (1024, 8192):
+        e, last = bd.estimate_peak(dims, T), bd.estimate_peak(dims, T, logits="last")
+        lc = last["components"]
+        body = last["total_bytes"] - 49152 * 4
+        state = lc["kv_cache"] + lc["sea_state"]
+        head = (lc["weights"] + lc["runtime"] + state + T * 49152 * 4 + T * 576 * 4
+                + int(bd.CALIBRATION["head_residue"] * state))
+        assert e["total_bytes"] == max(body, head)
+        assert e["peak_phase"] == ("lm_head" if head >= body else "attention")
+        if e["peak_phase"] == "lm_head":
+            assert e["components"]["logits"] == T * 49152 * 4 and e["components"]["sea_mask"] == 0
     dense = bd.estimate_peak(dims, 8192, attention="dense")
     assert dense["peak_phase"] == "attention"  # quadratic scores win at long context
     assert dense["components"]["sea_state"] == dense["components"]["sea_mask"] == 0
@@ -299,6 +313,7 @@ def test_analytic_matches_measured_peak(exported_default, monkeypatch):
     assert set(MEASURE_KEYS) <= set(m)
     assert m["settings"]["execution_order"] == SETTINGS["execution_order"] and m["settings"]["arena"] is True
     assert m["settings"]["mem_reuse"] is False and m["T"] == 1024 and m["graph"] == "prefill"
+    assert m["settings"]["head_split"] is True  # run as SeaSession runs it on the CPU
     assert m["peak_rss_bytes"] >= m["rss_after_load"] > m["rss_baseline"] > 0
     est = bd.estimate_peak(bd.model_dims(folder), 1024)["total_bytes"]
     err = (est - m["peak_rss_bytes"]) / m["peak_rss_bytes"]

@@ -275,6 +275,124 @@ def test_split_errors_are_one_line(tmp_path):
         build_plan(b"\x0a\xff\xff", "bad.onnx", "0" * 64)
 
 
+# -- the head split (the CPU path) -----------------------------------------------------------------------------------
+
+V_TOY, E_TOY = 300, 16
+
+
+def _toy_lm(folder: Path, head: str = "MatMul", external_from: int = 256) -> Path:
+    """A language model's shape: input_ids -> Gather(embed) -> MatMul -> Tanh -> the KV state present.0.key (B, 2,
+    S, 8), and a final norm, a Slice of the last num_logits_to_keep rows (an overridable initializer, 0 = all) and
+    a tied lm_head (MatMul by Transpose(embed), or `head`="Add": no matrix product makes the logits). Tensors of
+    `external_from` bytes and more are external data (the small int64 ones inline, as the exporter writes them)."""
+    import onnx
+    from onnx import TensorProto as TP
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    embed = rng.normal(size=(V_TOY, E_TOY)).astype(np.float32)
+    w = rng.normal(size=(E_TOY, E_TOY)).astype(np.float32) / 4
+    wk = rng.normal(size=(E_TOY, 16)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["embed", "input_ids"], ["x"]),
+        helper.make_node("MatMul", ["x", "W"], ["x1"]),
+        helper.make_node("Tanh", ["x1"], ["h"]),
+        helper.make_node("MatMul", ["h", "WK"], ["k0"]),
+        helper.make_node("Reshape", ["k0", "kshape"], ["k1"]),
+        helper.make_node("Transpose", ["k1"], ["present.0.key"], perm=[0, 2, 1, 3]),
+        helper.make_node("Mul", ["h", "norm"], ["hn"]),
+        helper.make_node("Neg", ["num_logits_to_keep"], ["start"]),
+        helper.make_node("Constant", [], ["big"], value=helper.make_tensor("b", TP.INT64, [1], [1 << 40])),
+        helper.make_node("Constant", [], ["ax"], value=helper.make_tensor("a", TP.INT64, [1], [1])),
+        helper.make_node("Slice", ["hn", "start", "big", "ax"], ["hk"]),
+        helper.make_node("Transpose", ["embed"], ["embed_t"], perm=[1, 0]),
+    ]
+    if head == "MatMul":
+        nodes.append(helper.make_node("MatMul", ["hk", "embed_t"], ["logits"]))
+    else:
+        nodes.append(helper.make_node("Add", ["hk", "hk"], ["logits"]))
+    g = helper.make_graph(
+        nodes, "toy_lm",
+        [helper.make_tensor_value_info("input_ids", TP.INT64, ["B", "T"]),
+         helper.make_tensor_value_info("num_logits_to_keep", TP.INT64, [1])],
+        [helper.make_tensor_value_info("logits", TP.FLOAT, ["B", "K", V_TOY if head == "MatMul" else E_TOY]),
+         helper.make_tensor_value_info("present.0.key", TP.FLOAT, ["B", 2, "T", 8])],
+        [numpy_helper.from_array(embed, "embed"), numpy_helper.from_array(w, "W"), numpy_helper.from_array(wk, "WK"),
+         numpy_helper.from_array(np.array([0, 0, 2, 8], np.int64), "kshape"),
+         numpy_helper.from_array(np.linspace(0.5, 1.5, E_TOY).astype(np.float32), "norm"),
+         numpy_helper.from_array(np.array([0], np.int64), "num_logits_to_keep")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 9
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(m, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=external_from)
+    return folder
+
+
+def test_head_split_equals_the_whole_graph(tmp_path):
+    """Cut before the lm_head: the head holds the MatMul and the transposed (tied) embedding it reads, nothing of
+    the body; the two sessions give the whole graph's logits and state, all rows or the last one, with the
+    arena shrink on (logits over the threshold) or off; the state lands in the runtime's own numpy buffers."""
+    from sea_edge.runtime.executor import HeadSplitGraph
+    from sea_edge.runtime.segments import load_plan
+
+    folder = _toy_lm(tmp_path / "lm")
+    plan = load_plan(folder, "model.onnx", tmp_path / "cache", mode="head")
+    assert plan.entry.name.endswith("-head") and plan.mode == "head"
+    body, head = plan.steps
+    assert (body.kind, head.kind) == ("ort", "ort") and head.nodes == 2  # Transpose(embed) + MatMul
+    assert head.inputs == ["hk"] and head.outputs == ["logits"]
+    assert body.outputs == ["present.0.key", "hk"] and "embed_t" not in body.outputs
+    assert plan.defaults == {"num_logits_to_keep": {"dims": [1], "values": [0]}}
+    assert load_plan(folder, "model.onnx", tmp_path / "cache", mode="head").cache == "read"
+    assert load_plan(folder, "model.onnx", tmp_path / "cache").entry != plan.entry  # modes cached apart
+    whole = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    g = HeadSplitGraph(plan, lambda step: _open(folder)(plan, step), {"key": ["batch", 2, "past_sequence_length", 8]},
+                       V_TOY, hidden_size=E_TOY)  # the cut (B, rows, E) in a buffer of ours too
+    ids = np.random.default_rng(0).integers(0, V_TOY, (2, 9))
+    outs = ["logits", "present.0.key"]
+    for threshold, shrunk in ((0, True), (1 << 40, False)):
+        g.SHRINK_LOGITS_BYTES = threshold
+        for keep in (None, 1, 4):
+            feeds = {"input_ids": ids} if keep is None else {"input_ids": ids, "num_logits_to_keep": np.array([keep])}
+            ref = whole.run(outs, feeds)
+            got = g.run(outs, feeds)
+            assert got[0].shape == ref[0].shape == (2, keep or 9, V_TOY)
+            np.testing.assert_array_equal(got[0], ref[0])
+            np.testing.assert_array_equal(got[1], ref[1])
+            assert g.last_shrunk is shrunk
+    state = g.run(["present.0.key"], {"input_ids": ids})[0]  # no logits asked: the head does not run
+    np.testing.assert_array_equal(state, whole.run(["present.0.key"], {"input_ids": ids})[0])
+    assert not g.last_shrunk and state.flags.owndata  # a buffer of our own, not onnxruntime's
+    with pytest.raises(SeaEdgeError, match="unknown graph input 'nope'"):
+        g.run(outs, {"input_ids": ids, "nope": ids})
+    with pytest.raises(SeaEdgeError, match="unknown graph output 'hk'"):
+        g.run(["hk"], {"input_ids": ids})
+    # a state shape the manifest gets wrong is an error, not a silent reshape
+    bad = HeadSplitGraph(plan, lambda step: _open(folder)(plan, step), {"key": ["batch", 3, "past_sequence_length", 8]},
+                         V_TOY)
+    with pytest.raises(SeaEdgeError, match="model.onnx \\(body\\): .*invalid dimensions for output: present.0.key"):
+        bad.run(outs, {"input_ids": ids})
+
+
+def test_head_split_errors(tmp_path):
+    from sea_edge.runtime.segments import build_plan, load_plan
+
+    folder = _toy_lm(tmp_path / "nohead", head="Add")
+    with pytest.raises(SeaEdgeError, match="no matrix product .* produces the 'logits' output"):
+        load_plan(folder, "model.onnx", tmp_path / "cache", mode="head")
+    with pytest.raises(SeaEdgeError, match="unknown split mode 'tail'"):
+        load_plan(folder, "model.onnx", tmp_path / "cache", mode="tail")
+    with pytest.raises(SeaEdgeError, match="unknown split mode 'tail'"):
+        build_plan((folder / "model.onnx").read_bytes(), "model.onnx", "0" * 64, mode="tail")
+    folder = _toy_lm(tmp_path / "external", external_from=0)  # the overridable default in the weights file
+    with pytest.raises(SeaEdgeError, match="overridable input 'num_logits_to_keep' is not an inline int64 tensor"):
+        load_plan(folder, "model.onnx", tmp_path / "cache", mode="head")
+    toy = _toy_model(tmp_path / "toy")  # no 'logits' output at all
+    with pytest.raises(SeaEdgeError, match="produces the 'logits' output"):
+        load_plan(toy, "model.onnx", tmp_path / "cache", mode="head")
+
+
 def test_onnx_wire_reads_what_onnx_reads(tmp_path):
     import onnx
     from sea_edge.runtime import onnx_wire
@@ -378,6 +496,18 @@ def test_split_perplexity_equals_the_whole_graph(split, whole):
     text = load_corpus("validation")
     a, b = whole.perplexity(text, 128, max_windows=2), split.perplexity(text, 128, max_windows=2)
     assert abs(b.ppl / a.ppl - 1) < 1e-4 and a.tokens == b.tokens
+
+
+def test_head_split_session_equals_one_session(whole, reference, exported_default):
+    """The CPU default (the graph cut before its lm_head, executor.HeadSplitGraph) and one session give the same
+    prefill logits bit for bit, and the same greedy tokens."""
+    from sea_edge.runtime import SeaSession
+    from sea_edge.runtime.executor import HeadSplitGraph, WholeGraph
+
+    one = SeaSession(exported_default.out, head_split=False, verify=False)
+    assert isinstance(whole._prefill, HeadSplitGraph) and isinstance(one._prefill, WholeGraph)
+    np.testing.assert_array_equal(one.prefill_logits(reference["ids"]), reference["logits"])
+    assert one.generate(PROMPT, max_new_tokens=32, stop_at_eos=False).tokens == reference["one"]
 
 
 def test_split_session_arguments(exported_default, monkeypatch):
