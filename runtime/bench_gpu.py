@@ -25,6 +25,9 @@ the same IO-binding backend, with the same provider options (TF32 off, one CUDA 
   ran on; the backend's counters (handoffs onnxruntime -> torch that were zero-copy, tensors moved); onnxruntime's
   node placement per segment (nodes per provider, Memcpy nodes it inserted) from its assignment record and its
   profiler.
+- steps (`--child steps`, SEA only, not in the default --parts): where the prefill's time goes: the whole run, one
+  run with the device synchronized around each step (onnxruntime segments vs ColumnScores vs SparseAttention, the
+  slowest segments), one with onnxruntime's profiler (kernel ms per provider and op type).
 
 Writes OUT/bench_gpu.json (after every point), OUT/bench_gpu.png, OUT/table.txt, OUT/nocopy_*.json.gz (traces).
 A point is skipped, and says so, when --deadline would pass before it could finish.
@@ -282,8 +285,9 @@ def _profile(fn, path: Path) -> dict:
 
 
 def _ort_profile_counts(files: list[str]) -> dict:
-    """Node events of onnxruntime profiles: {provider: node runs} and Memcpy node runs."""
-    out: dict = {"node_runs": {}, "memcpy_runs": 0, "memcpy_ops": {}}
+    """Node events of onnxruntime profiles: {provider: node runs}, Memcpy node runs, and the kernel time per
+    (provider, op type) in ms (`op_ms`, the largest first)."""
+    out: dict = {"node_runs": {}, "memcpy_runs": 0, "memcpy_ops": {}, "op_ms": {}}
     for f in files:
         try:
             events = json.loads(Path(f).read_text())
@@ -295,9 +299,67 @@ def _ort_profile_counts(files: list[str]) -> dict:
             a = e.get("args", {})
             prov, op = a.get("provider", "?"), a.get("op_name", "?")
             out["node_runs"][prov] = out["node_runs"].get(prov, 0) + 1
+            key = f"{prov.replace('ExecutionProvider', '')}:{op}"
+            out["op_ms"][key] = out["op_ms"].get(key, 0.0) + float(e.get("dur", 0)) / 1000
             if op.startswith("Memcpy"):
                 out["memcpy_runs"] += 1
                 out["memcpy_ops"][op] = out["memcpy_ops"].get(op, 0) + 1
+    out["op_ms"] = {k: round(v, 3) for k, v in sorted(out["op_ms"].items(), key=lambda kv: -kv[1])}
+    return out
+
+
+def _child_steps(args) -> dict:
+    """Where a prefill's time goes: the whole run (median of --repeats, after a warm-up), then one run with the
+    device synchronized around every step (onnxruntime segments, ColumnScores, SparseAttention: totals and the
+    slowest segments), then one with onnxruntime's profiler on (kernel time per provider and op type)."""
+    import torch
+
+    s = _session(args.dir)
+    T = args.length
+    V = int(s.manifest["source_model"]["vocab_size"])
+    ids = np.random.default_rng(0).integers(0, V, (1, T), dtype=np.int64)
+    mask, pos = np.ones((1, T), np.int64), np.arange(T, dtype=np.int64)[None]
+
+    def prefill(sess):
+        logits, _ = sess._run(sess._prefill, ids, mask, pos, None, logits_only=True, host_logits=False)
+        sess.synchronize()
+        return logits
+
+    prefill(s)  # warm-up: Triton's JIT, cuBLAS heuristics, arenas
+    runs = []
+    for _ in range(max(args.repeats, 1)):
+        t = time.perf_counter()
+        prefill(s)
+        runs.append(time.perf_counter() - t)
+    out: dict = {"dir": str(args.dir), "T": T, **_session_info(s), "prefill_s": float(np.median(runs)),
+                 "runs_s": runs, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    g = s._prefill
+    if hasattr(g, "step_times"):
+        g.step_times = []
+        t = time.perf_counter()
+        prefill(s)
+        out["timed_run_s"] = time.perf_counter() - t
+        steps, g.step_times = g.step_times, None
+        by: dict = {}
+        for kind, name, dt in steps:
+            key = name if kind == "op" else "onnxruntime segments"
+            by[key] = by.get(key, 0.0) + dt
+        out["step_s"] = {k: round(v, 5) for k, v in sorted(by.items(), key=lambda kv: -kv[1])}
+        segs = sorted(((dt, name) for kind, name, dt in steps if kind == "ort"), reverse=True)
+        out["slowest_segments"] = [[n, round(dt * 1000, 3)] for dt, n in segs[:6]]
+        out["segment_ms_median"] = round(1000 * float(np.median([dt for dt, _ in segs])), 3) if segs else None
+    del s
+    torch.cuda.empty_cache()
+    p = _session(args.dir, profile=True)
+    prefill(p)
+    prefill(p)
+    files = [x.end_profiling() for x in p.sessions]
+    counts = _ort_profile_counts(files)  # both runs: halve for one prefill
+    out["ort_op_ms_per_prefill"] = {k: round(v / 2, 3) for k, v in list(counts["op_ms"].items())[:25]}
+    out["ort_node_runs"] = counts["node_runs"]
+    out["ort_memcpy_runs"] = counts["memcpy_runs"]
+    for f in files:
+        Path(f).unlink(missing_ok=True)
     return out
 
 
@@ -563,7 +625,7 @@ def warm_triton() -> dict:
     return {"calls": n, "seconds": round(time.time() - t0, 1)}
 
 
-CHILDREN = {"prefill": _child_prefill, "agreement": _child_agreement, "nocopy": _child_nocopy}
+CHILDREN = {"prefill": _child_prefill, "agreement": _child_agreement, "nocopy": _child_nocopy, "steps": _child_steps}
 
 
 def run_child(args: list[str], timeout_s: float) -> dict:
@@ -844,6 +906,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  prefill T={T} {name}: {what} s, peak {_fmt(r.get('peak_mib'), '.0f')} MiB "
                       f"({r.get('wall_s')} s wall)", flush=True)
                 _write(results, args.out)
+    if "steps" in parts:
+        results["steps"] = {}
+        for T in lengths:
+            r = child("steps", ["--dir", str(args.sea), "--length", str(T), "--repeats", str(args.repeats)],
+                      need_s=40 + T / 1024)
+            results["steps"][T] = r
+            print(f"  steps T={T}: {r.get('prefill_s', r.get('error'))} s; {r.get('step_s')}; ort ops "
+                  f"{dict(list((r.get('ort_op_ms_per_prefill') or {}).items())[:8])} ({r.get('wall_s')} s wall)",
+                  flush=True)
+            _write(results, args.out)
     if "agreement" in parts:
         r = child("agreement", ["--dir", str(args.sea), "--length", str(args.agreement_len), "--windows",
                                 str(args.agreement_windows), "--torch-ref"], need_s=60)

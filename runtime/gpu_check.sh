@@ -20,7 +20,10 @@
 # this script installs into $WORK/site-ort and $WORK/site-deps once). PYTHON (default python3). WORK (default .gpu-work in the repo, git
 # ignored): exports, the segment cache, Triton's cache. PARTS (default preflight,export,tests,bench) to run only
 # some steps, e.g. PARTS=bench for a second run. BUDGET_S (default 510): the deadline the bench plans against,
-# counted from the start of this script. LENGTHS (default 4096,16384,32768), REPEATS (default 3).
+# counted from the start of this script. LENGTHS (default 4096,16384,32768), REPEATS (default 3), BENCH_PARTS (bench_gpu's
+# --parts, default prefill,agreement,nocopy; "steps": where the prefill's time goes). PARTS=unpack with SEA_PACK /
+# DENSE_PACK (folders written by `python -m sea_edge.runtime.weight_pack pack`): the folders rebuilt under $WORK from
+# packs instead of exported there (the real graphs, random large weights: for time and memory, not agreement).
 # Knobs of the CUDA path, for a second look when something is off: SEA_EDGE_CUDA_SYNC=0 (no stream sync before each
 # segment), SEA_EDGE_CUDA_TF32=1 (TF32 GEMMs in onnxruntime), SEA_EDGE_CUDA_ARENA=session (one arena per segment
 # session, shrunk after every run, instead of one shared arena), CUBLAS_WORKSPACE_CONFIG (the CUDA backend sets :0:0
@@ -68,6 +71,16 @@ if has preflight; then
   if [[ $rc -ne 0 ]]; then log "stopping: fix the FATAL lines above"; exit 1; fi
 fi
 
+if has unpack; then  # folders rebuilt from weight packs (runtime/weight_pack.py: real graphs, random large weights)
+  for which in sea dense; do
+    pack_var=${which^^}_PACK
+    pack=${!pack_var:-}
+    [[ -z $pack || -f $WORK/$which/sea_edge.json ]] && continue
+    $PY -m sea_edge.runtime.weight_pack unpack "$pack" "$WORK/$which" 2>&1 | tee -a "$OUT/unpack.log"
+    log "unpack $which from $pack: exit ${PIPESTATUS[0]}"
+  done
+fi
+
 dense_pid=""
 if has export; then
   if [[ -f $WORK/dense/sea_edge.json ]]; then log "dense export: reusing $WORK/dense"; else
@@ -112,7 +125,8 @@ fi
 if has bench; then
   dense=(); [[ -f $WORK/dense/sea_edge.json ]] && dense=(--dense "$WORK/dense")
   $PY -m sea_edge.runtime.bench_gpu --sea "$WORK/sea" ${dense[@]+"${dense[@]}"} --out "$OUT/bench" --deadline "$DEADLINE" \
-    --lengths "${LENGTHS:-4096,16384,32768}" --repeats "${REPEATS:-3}" 2>&1 | tee "$OUT/bench.log"
+    --lengths "${LENGTHS:-4096,16384,32768}" --repeats "${REPEATS:-3}" --parts "${BENCH_PARTS:-prefill,agreement,nocopy}" \
+    2>&1 | tee "$OUT/bench.log"
   log "bench: exit ${PIPESTATUS[0]} (bench/bench_gpu.json, bench/table.txt, bench/bench_gpu.png)"
 fi
 log "done in $(($(date +%s) - START)) s, status $status"

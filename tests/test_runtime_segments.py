@@ -393,6 +393,41 @@ def test_head_split_errors(tmp_path):
         load_plan(toy, "model.onnx", tmp_path / "cache", mode="head")
 
 
+def test_weight_pack_round_trip(tmp_path):
+    """A weight pack (runtime/weight_pack.py) rebuilds the folder: graphs and small tensors byte for byte, each large
+    float tensor random with its own mean and std; the rebuilt folder runs."""
+    import onnx
+    from onnx import numpy_helper
+    from sea_edge.runtime.weight_pack import pack, unpack
+
+    folder = _toy_lm(tmp_path / "lm")
+    with pytest.raises(SeaEdgeError, match="not an exported folder"):
+        pack(folder, tmp_path / "p0")
+    (folder / "sea_edge.json").write_text("{}")
+    res = pack(folder, tmp_path / "pack", large_bytes=4096)  # embed (19 KB) is large, the rest small
+    assert res["zeroed_bytes"] == V_TOY * E_TOY * 4 and "model.onnx.data.gz" in res["files"]
+    with pytest.raises(SeaEdgeError, match="exists"):
+        pack(folder, tmp_path / "pack")
+    unpack(tmp_path / "pack", tmp_path / "again")
+    assert (tmp_path / "again" / "model.onnx").read_bytes() == (folder / "model.onnx").read_bytes()
+
+    def tensors(d):
+        m = onnx.load(str(d / "model.onnx"))
+        return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+    a, b = tensors(folder), tensors(tmp_path / "again")
+    for name in a:
+        if name == "embed":
+            assert not np.array_equal(a[name], b[name]) and a[name].shape == b[name].shape
+            assert abs(b[name].std() / a[name].std() - 1) < 0.05 and abs(b[name].mean() - a[name].mean()) < 0.05
+        else:
+            np.testing.assert_array_equal(a[name], b[name])
+    sess = ort.InferenceSession(str(tmp_path / "again" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.run(["logits"], {"input_ids": np.zeros((1, 3), np.int64)})[0].shape == (1, 3, V_TOY)
+    with pytest.raises(SeaEdgeError, match="not a weight pack"):
+        unpack(folder, tmp_path / "x")
+
+
 def test_onnx_wire_reads_what_onnx_reads(tmp_path):
     import onnx
     from sea_edge.runtime import onnx_wire
@@ -508,6 +543,27 @@ def test_head_split_session_equals_one_session(whole, reference, exported_defaul
     assert isinstance(whole._prefill, HeadSplitGraph) and isinstance(one._prefill, WholeGraph)
     np.testing.assert_array_equal(one.prefill_logits(reference["ids"]), reference["logits"])
     assert one.generate(PROMPT, max_new_tokens=32, stop_at_eos=False).tokens == reference["one"]
+
+
+def test_bench_gpu_steps_child_on_the_cpu(exported_default, monkeypatch, tmp_path):
+    """bench_gpu's `steps` child (where a prefill's time goes) on the CPU split path: every step timed, the totals
+    by kind, onnxruntime's op times from its profiler."""
+    pytest.importorskip("torch")
+    import argparse
+
+    import sea_edge.runtime.bench_gpu as bg
+    from sea_edge.runtime import SeaSession
+
+    monkeypatch.chdir(tmp_path)  # onnxruntime's profiles land in the working folder (and are removed)
+    monkeypatch.setattr(bg, "_session", lambda folder, **kw: SeaSession(
+        folder, split=True, attention="numpy", verify=False, cache_dir=str(tmp_path / "segments"), **kw))
+    r = bg._child_steps(argparse.Namespace(dir=exported_default.out, length=40, repeats=1))
+    assert r["segments"] == 61 and r["prefill_s"] > 0 and r["gpu"] is None
+    assert set(r["step_s"]) == {"onnxruntime segments", "ColumnScores", "SparseAttention"}
+    assert sum(r["step_s"].values()) <= r["timed_run_s"] and len(r["slowest_segments"]) == 6
+    assert r["ort_memcpy_runs"] == 0 and r["ort_node_runs"]["CPUExecutionProvider"] > 0
+    assert any(k.startswith("CPU:MatMul") for k in r["ort_op_ms_per_prefill"])
+    assert not list(tmp_path.glob("sea_edge_*.json"))
 
 
 def test_split_session_arguments(exported_default, monkeypatch):
