@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 __all__ = ["column_scores_triton"]
 
 
