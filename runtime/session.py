@@ -5,7 +5,8 @@ On a GPU, SeaSession(folder, device="cuda") splits each graph at its SparseAtten
 (segments.py): onnxruntime runs the segments on its CUDA provider, our Triton kernels run the nodes, and the values
 between them, the KV cache and SEA's state included, stay torch tensors on the GPU (executor.py); only what the
 caller reads (the last logits row of a generation step) comes back to the host. torch and triton are imported for
-that path only.
+that path only. On the CPU each graph runs whole (the custom ops' function bodies), as two sessions cut before its
+lm_head (executor.HeadSplitGraph: a long prefill's logits do not land on top of the layers' arena).
 
     s = SeaSession("smollm2-sea")                   # manifest read, every file's sha256 checked, graphs opened
     s.generate("Once upon a time", max_new_tokens=32, stream=print).text
