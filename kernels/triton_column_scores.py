@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import _key_prefix
+
 __all__ = ["column_scores_triton"]
 
 
@@ -83,21 +85,8 @@ def _column_scores_fwd(q, P, C, K: int, causal: bool, scale: float, block_m: int
     return out
 
 
-def _key_prefix_inner(k: torch.Tensor, key_valid: torch.Tensor | None):
-    """reference._key_prefix with the keys' scan over S run as the innermost dim (the same sums, P contiguous).
-
-    torch's CUDA scan over an outer dim runs one sequential loop per inner element, here B * Hkv * D = 192 loops of
-    length S: 12 ms per layer at S = 32768 on an H100, 357 ms of a 3.27 s SEA prefill over 30 layers, more than the
-    kernel itself (torch.profiler, runtime/results/gpu_h100_2026-12-06); the inner-dim scan of a transposed copy is
-    a memory-bound pass."""
-    kf = k.float() if key_valid is None else k.float() * key_valid[:, None, :, None].float()
-    P = torch.nn.functional.pad(kf.transpose(2, 3).contiguous().cumsum(-1), (1, 0))  # (B, Hkv, D, S + 1)
-    C = None if key_valid is None else torch.nn.functional.pad(key_valid.to(torch.int64).cumsum(1), (1, 0))
-    return P.transpose(2, 3).contiguous(), C
-
-
 def column_scores_triton(q: torch.Tensor, k: torch.Tensor, K: int, causal: bool, scale: float,
                          key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """column_scores_ref on the GPU: (B, Hq, T, K) fp32."""
-    P, C = _key_prefix_inner(k, key_valid)
+    P, C = _key_prefix(k, key_valid)
     return _column_scores_fwd(q, P.contiguous(), None if C is None else C.contiguous(), K, causal, scale)

@@ -450,6 +450,7 @@ def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = N
     E, I, V, f32, i64 = dims.hidden_size, dims.intermediate_size, dims.vocab_size, 4, 8
     S = T
     comp = dict.fromkeys(COMPONENTS, 0)
+    head = None  # the head's moment when the graph is cut before its lm_head (SEA, every position's logits)
     comp["weights"] = _weights_resident(dims, attention)
     comp["runtime"] = CALIBRATION["runtime_base_bytes"] + L * CALIBRATION["session_bytes_per_layer"][attention]
     comp["kv_cache"] = L * 2 * B * Hkv * S * D * f32
@@ -486,21 +487,13 @@ def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = N
             comp["logits"] = logits
             phase = "lm_head"
         else:
-            # cut before the lm_head: the body's peak (its last layers), then, its arena given back, the head's:
-            # the state and the cut on top of the weights, the logits, and what the body could not give back
-            body = dict(comp)
-            body["allocator_slack"] = int(CALIBRATION["allocator_slack"]
-                                          * sum(v for k, v in body.items() if k not in ("weights", "runtime")))
+            # cut before the lm_head: the body's peak (its last layers, comp), then, its arena given back, the
+            # head's: the state and the cut on top of the weights, the logits, and what the body could not give back
             head = dict.fromkeys(COMPONENTS, 0)
             head.update(weights=comp["weights"], runtime=comp["runtime"], kv_cache=comp["kv_cache"],
                         sea_state=comp["sea_state"], logits=logits, activations=B * T * E * f32)
             head["allocator_slack"] = int(CALIBRATION["head_residue"] * (head["kv_cache"] + head["sea_state"]))
-            if sum(head.values()) >= sum(body.values()):
-                comp, phase = {k: int(v) for k, v in head.items()}, "lm_head"
-            else:
-                comp, phase = {k: int(v) for k, v in body.items()}, "attention"
-            return {"components": comp, "total_bytes": sum(comp.values()), "peak_phase": phase,
-                    "attention": attention, "logits": kept}
+            phase = "attention"
     else:
         causal_mask = B * T * S * f32  # (B, 1, T, S), built once and read by every layer
         scores = DENSE_SCORE_COPIES * B * H * T * S * f32  # scores, masked scores, softmax, and what the arena keeps
@@ -516,6 +509,8 @@ def estimate_peak(dims: ModelDims, T: int, B: int = 1, attention: str | None = N
     # region of their own (measured: the same fraction fits full-logit and last-logit prefills)
     live = sum(v for k, v in comp.items() if k not in ("weights", "runtime", "logits"))
     comp["allocator_slack"] = int(CALIBRATION["allocator_slack"] * live)
+    if head is not None and sum(head.values()) >= sum(comp.values()):
+        comp, phase = head, "lm_head"
     comp = {k: int(v) for k, v in comp.items()}
     return {"components": comp, "total_bytes": sum(comp.values()), "peak_phase": phase, "attention": attention,
             "logits": kept}

@@ -19,6 +19,7 @@ from sea_edge.kernels import (
     sparse_attention_cols,
     sparse_index_op,
 )
+from sea_edge.kernels.reference import cumsum_rows
 
 from .config import budget
 from .estimator import EstimatorOutput, SEAEstimator
@@ -55,18 +56,6 @@ def selectable_columns(T: int, S: int, K: int, causal: bool, device, key_valid=N
     return (count > 0).unsqueeze(1)
 
 
-def _cumsum_rows(x: torch.Tensor) -> torch.Tensor:
-    """Cumulative sum over dim 2 (T) of x (B, H, T, D).
-
-    CUDA: scanned with T as the innermost dim. torch's CUDA scan over an outer dim runs one sequential loop per
-    inner element, here B*H*D = 768 loops of length T: 24 ms per causal layer at T = 64k on an H200 (a quarter of
-    the whole layer, torch.profiler, 2026-12-01), against a memory-bound pass over a transposed copy. CPU and ONNX
-    export keep the plain form (same sums, and the exported graph stays as calibrated by the memory budget)."""
-    if x.is_cuda:
-        return x.transpose(2, 3).contiguous().cumsum(-1).transpose(2, 3)
-    return x.cumsum(2)
-
-
 def average_context(v, probs, key_valid, causal: bool, n_heads: int) -> torch.Tensor:
     """The "average" context of SEA.md step 7. Causal: running mean of v over each query's visible keys.
     Bidirectional: v weighted by the mean estimated attention of the head's queries, spread over each column's keys.
@@ -83,7 +72,7 @@ def average_context(v, probs, key_valid, causal: bool, n_heads: int) -> torch.Te
         # it per layer, which in an exported decode step (T = 1) was 60% of the step at S = 4096 on the CPU.
         last = v[:, :, S - T :].float() * valid[:, None, S - T :, None]  # (B, Hkv, T, D)
         prior = valid.masked_fill(torch.arange(S, device=v.device) >= S - T, 0.0)  # (B, S)
-        num = _cumsum_rows(last) + prior[:, None, None, :] @ v.float()  # (B, Hkv, T, D)
+        num = cumsum_rows(last) + prior[:, None, None, :] @ v.float()  # (B, Hkv, T, D)
         cnt = valid[:, S - T :].cumsum(1) + prior.sum(1, keepdim=True)  # (B, T)
         return (num / cnt.clamp(min=1)[:, None, :, None])[:, heads]
     vv = v.float() * valid[:, None, :, None]
