@@ -1,13 +1,20 @@
 """Triton kernel of `sea_edge::column_scores`: each query row's score against the mean key of each of its K
 compressed columns (reference.column_scores_ref; layout in reference.py).
 
-One program per (block of BLOCK_M query rows, query head). The keys' prefix sums P (B, Hkv, S + 1, D) fp32 are made
-once by torch (one pass over k); a program gathers, for each tile of BLOCK_K columns, P at its rows' column starts
-and ends, (BLOCK_M, BLOCK_K, D) each, and reduces q . (P[end] - P[start]) over D in registers. The row-dependent
-column spans (a causal row's K columns split its own L = pos + 1 keys) make every (row, column) pair gather its own
-rows of P, so this is not a tensor-core product; the gathers of neighbouring rows hit the same lines of P, which
-stay in L2 (a query head's P is (S + 1) x D x 4 bytes: 17 MB at S = 65536, D = 64). Work: T * K * D multiply-adds
-per head, the same as the estimate's own (T x K) products.
+Bidirectional rows share their columns (L = S for every row): the K mean keys (B, Hkv, K, D) come from the keys'
+prefix sums P at the K + 1 boundaries, and the scores are one GEMM, scale * q @ mean^T. No kernel of ours.
+
+Causal rows split their own L = pos + 1 keys, so every row has its own boundaries b_j = floor(j L / K). Gathering
+P (fp32) at both ends of every (row, column) pair, as the first kernel did, moved 2 * D * 4 bytes per pair through
+L2: ~100 GB per layer at T = 65536, K = 256, 12 heads, 62 ms on an H100; this kernel takes 7.9 ms there
+(kernels/NOTES.md). `_column_scores_fwd_kernel`
+instead uses that a tile of BLOCK_M consecutive rows moves each boundary by less than BLOCK_M keys: with lo_j the
+tile's first row's boundary, q . P[b_j] = q . P[lo_j] + sum over keys s in [lo_j, b_j) of q . k_s. One program per
+(BLOCK_M rows, query head) walks the K boundaries; for each it loads P[lo_j] (one row, shared by the tile) and the
+BLOCK_M keys after lo_j in the inputs' dtype (one coalesced tile), and takes the (BLOCK_M x BLOCK_M) products q . k on
+tensor cores; each row sums its own prefix of them. The scores are differences of consecutive boundaries' sums
+divided by the column's valid-key count. Traffic: T * K * D keys in the inputs' dtype per head (4x less than the
+fp32 gathers at fp16), plus (BLOCK_M x BLOCK_M x D) multiply-adds per boundary on tensor cores.
 """
 
 from __future__ import annotations
@@ -21,72 +28,117 @@ from .reference import _key_prefix
 __all__ = ["column_scores_triton"]
 
 
+# BLOCK_M 64: 63.6 ms causal layer at T = 65536 vs 67.3 at 32 and 73.1 at 16 (H100, results/sweep_layer_h100_2026-12-06.json)
+_CFG = {"scores_block_m": 64, "scores_stages": 3, "scores_warps": 4}
+
+
 @triton.jit
 def _column_scores_fwd_kernel(
-    Q, P, C, Out,
-    T, S, K, H, G, scale,
+    Q, Kk, P, C, Valid, Out,
+    T, S, scale,
     stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_ks,
     stride_pb, stride_ph, stride_ps,
-    stride_cb,
+    stride_cb, stride_vb,
     stride_ob, stride_oh, stride_ot,
-    D: tl.constexpr, CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    K: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    HAS_VALID: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
     hk = h // G  # grouped-query heads: query head h reads key head h // G
+    idx_t = tl.int64 if WIDE else tl.int32  # j * L stays below 2^31 unless K * S is huge (the wrapper decides)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < T
+    L = (S - T + 1 + rows).to(idx_t)  # (BLOCK_M,) a causal row's K columns split its own keys [0, pos]
+    L0 = (S - T + 1 + pid_m * BLOCK_M).to(idx_t)  # the tile's first row
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    if CAUSAL:
-        L = (S - T + 1 + rows).to(tl.int64)  # a causal row's K columns split its own keys [0, pos]
-    else:
-        L = tl.zeros([BLOCK_M], dtype=tl.int64) + S
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
+                mask=rmask[:, None] & dmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D), the inputs' dtype
+    qf = q.to(tl.float32)
+    win = tl.arange(0, BLOCK_M)  # a boundary moves by < BLOCK_M keys over the tile's rows (j <= K)
     p_base = P + b * stride_pb + hk * stride_ph
-    for k0 in range(0, K, BLOCK_K):
-        j = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        m2 = rmask[:, None] & (j < K)[None, :]  # (BLOCK_M, BLOCK_K)
-        start = (j[None, :] * L[:, None]) // K  # int64: j * L passes 2^31 at long context
-        end = ((j[None, :] + 1) * L[:, None]) // K
-        m3 = m2[:, :, None] & dmask[None, None, :]
-        pe = tl.load(p_base + end[:, :, None] * stride_ps + d[None, None, :], mask=m3, other=0.0)
-        ps = tl.load(p_base + start[:, :, None] * stride_ps + d[None, None, :], mask=m3, other=0.0)
-        dot = tl.sum(q[:, None, :] * (pe - ps), axis=2)  # (BLOCK_M, BLOCK_K)
-        if HAS_VALID:
-            n = (tl.load(C + b * stride_cb + end, mask=m2, other=0)
-                 - tl.load(C + b * stride_cb + start, mask=m2, other=0)).to(tl.float32)
+    k_base = Kk + b * stride_kb + hk * stride_kh
+    o_base = Out + b * stride_ob + h * stride_oh + rows * stride_ot  # (BLOCK_M,)
+    u_prev = tl.zeros([BLOCK_M], dtype=tl.float32)  # q . P[b_0], b_0 = 0
+    b_prev = tl.zeros([BLOCK_M], dtype=idx_t)
+    c_prev = tl.zeros([BLOCK_M], dtype=tl.int64)
+    # one boundary per step; the pipeliner prefetches the next steps' key windows (STAGES)
+    for j in tl.range(1, K + 1, num_stages=STAGES):  # boundary j ends column j - 1
+        lo = (j * L0) // K  # K constexpr: a multiply and shift
+        bj = (j * L) // K  # (BLOCK_M,)
+        p = tl.load(p_base + lo * stride_ps + d, mask=dmask, other=0.0)  # (BLOCK_D,) fp32
+        s = lo + win  # (BLOCK_M,) the keys after lo_j
+        smask = s < S
+        kw = tl.load(k_base + s[:, None] * stride_ks + d[None, :], mask=smask[:, None] & dmask[None, :],
+                     other=0.0)  # (BLOCK_M, BLOCK_D)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(kw), input_precision="ieee")  # fp32 inputs: no TF32 rounding
         else:
-            n = (end - start).to(tl.float32)
-        score = tl.where(n > 0, dot * scale / tl.maximum(n, 1.0), 0.0)
-        tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + j[None, :], score, mask=m2)
+            qk = tl.dot(q, tl.trans(kw))  # (BLOCK_M rows, BLOCK_M keys) fp32
+        keep = s[None, :] < bj[:, None]
+        if HAS_VALID:
+            keep &= (tl.load(Valid + b * stride_vb + s, mask=smask, other=0) != 0)[None, :]
+        u = tl.sum(qf * p[None, :], axis=1) + tl.sum(tl.where(keep, qk, 0.0), axis=1)
+        if HAS_VALID:
+            cb = tl.load(C + b * stride_cb + bj, mask=rmask, other=0)
+            n = cb - c_prev
+            c_prev = cb
+        else:
+            n = (bj - b_prev).to(tl.int64)
+        score = tl.where(n > 0, (u - u_prev) * scale / tl.maximum(n, 1).to(tl.float32), 0.0)
+        # one column per step: BLOCK_M strided 4-byte stores, merged in L2 (a program writes BLOCK_M x K x 4 bytes)
+        tl.store(o_base + (j - 1), score, mask=rmask)
+        u_prev = u
+        b_prev = bj
 
 
-def _column_scores_fwd(q, P, C, K: int, causal: bool, scale: float, block_m: int = 16, block_k: int = 16):
+def _column_scores_fwd(q, k, P, C, key_valid, K: int, scale: float):
+    """Causal rows: the tiled kernel above."""
     B, H, T, D = q.shape
     S = P.shape[2] - 1
     out = torch.empty(B, H, T, K, device=q.device, dtype=torch.float32)
-    q = q.contiguous()
-    grid = (triton.cdiv(T, block_m), B * H)
+    q, k = q.contiguous(), k.to(q.dtype).contiguous()
+    bm = _CFG["scores_block_m"]
+    valid = key_valid.contiguous().view(torch.uint8) if key_valid is not None else None
+    grid = (triton.cdiv(T, bm), B * H)
     _column_scores_fwd_kernel[grid](
-        Q=q, P=P, C=C if C is not None else P, Out=out,
-        T=T, S=S, K=K, H=H, G=H // P.shape[1], scale=float(scale),
+        Q=q, Kk=k, P=P, C=C if C is not None else P, Valid=valid if valid is not None else P, Out=out,
+        T=T, S=S, scale=float(scale),
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_ks=k.stride(2),
         stride_pb=P.stride(0), stride_ph=P.stride(1), stride_ps=P.stride(2),
-        stride_cb=C.stride(0) if C is not None else 0,
+        stride_cb=C.stride(0) if C is not None else 0, stride_vb=valid.stride(0) if valid is not None else 0,
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_ot=out.stride(2),
-        D=D, CAUSAL=bool(causal), HAS_VALID=C is not None,
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=triton.next_power_of_2(D),
+        K=K, H=H, G=H // P.shape[1], D=D, HAS_VALID=C is not None, IEEE=q.dtype == torch.float32,
+        WIDE=K * (S + bm) >= 2**31, BLOCK_M=bm, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        STAGES=_CFG["scores_stages"], num_warps=_CFG["scores_warps"],
     )
     return out
+
+
+def _column_scores_shared(q, P, C, K: int, scale: float):
+    """Bidirectional rows: every row has the same K columns of S keys, so the scores are q against the K mean keys,
+    one GEMM (fp32; TF32 where torch allows it)."""
+    B, H, T, D = q.shape
+    Hkv, S = P.shape[1], P.shape[2] - 1
+    bounds = torch.div(torch.arange(K + 1, device=q.device) * S, K, rounding_mode="floor")  # (K + 1,)
+    sums = P[:, :, bounds[1:]] - P[:, :, bounds[:-1]]  # (B, Hkv, K, D)
+    n = (bounds[1:] - bounds[:-1]).expand(B, K) if C is None else C[:, bounds[1:]] - C[:, bounds[:-1]]  # (B, K)
+    mean = torch.where(n[:, None, :, None] > 0, sums / n.clamp(min=1)[:, None, :, None].to(sums.dtype), 0.0)
+    out = q.float().contiguous().view(B, Hkv, (H // Hkv) * T, D) @ mean.transpose(-1, -2)  # (B, Hkv, g*T, K)
+    return out.mul_(scale).view(B, H, T, K)
 
 
 def column_scores_triton(q: torch.Tensor, k: torch.Tensor, K: int, causal: bool, scale: float,
                          key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """column_scores_ref on the GPU: (B, Hq, T, K) fp32."""
     P, C = _key_prefix(k, key_valid)
-    return _column_scores_fwd(q, P.contiguous(), None if C is None else C.contiguous(), K, causal, scale)
+    P, C = P.contiguous(), None if C is None else C.contiguous()
+    if not causal:
+        return _column_scores_shared(q, P, C, K, scale)
+    return _column_scores_fwd(q, k, P, C, key_valid, K, scale)

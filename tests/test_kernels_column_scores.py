@@ -93,6 +93,20 @@ def test_triton_matches_reference(case):
     assert_rel_err(out, column_scores_ref(q, k, K, causal, 0.3, key_valid), 1e-5)
 
 
+@pytest.mark.parametrize("pad", [False, True], ids=["", "pad"])
+@pytest.mark.parametrize("K", [3, 8, 32])
+def test_triton_causal_tiles(monkeypatch, K, pad):
+    """Several row tiles of 16 (the kernel's window over each boundary's moves inside a tile), K not a power of
+    two and K above the tile, GQA, odd D, the last 70 of 90 positions."""
+    from sea_edge.kernels import triton_column_scores
+
+    monkeypatch.setitem(triton_column_scores._CFG, "scores_block_m", 16)
+    g = torch.Generator(DEV).manual_seed(K)
+    q, k, key_valid = make_inputs(2, 4, 2, 70, 90, 20, torch.float32, g, pad)
+    out = column_scores_triton(q, k, K, True, 0.3, key_valid)
+    assert_rel_err(out, column_scores_ref(q, k, K, True, 0.3, key_valid), 1e-5)
+
+
 @pytest.mark.parametrize("case", CASES[1::2], ids=IDS[1::2])
 def test_gradients_match_autograd_of_definition(case):
     B, Hq, Hkv, T, S, D, K, causal, pad = case
