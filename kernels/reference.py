@@ -8,6 +8,8 @@ Layout, stated once for the whole kernels package:
     probs (B, Hq, T, K)   estimated compressed attention probabilities (softmax over K per head), SEA.md step 3.
     cols (B, Hq, T, c)    kept compressed columns per head, ascending, -1 in unused slots (c = per-head cap).
     idx  (B, Hq, T, w)    kept key indices per query row, ascending, -1 in unused slots, all -1 at the end.
+    img  (N, C, T, W)     the estimator's decoder image, N = B * Hq, C channels, W = K / r (decoder_ref).
+    kv   (B, Hkv, m, D+E+1)  bidirectional Performer state: sum over keys of phi(k) [v, eye, 1] (performer_query_ref).
 
 Compressed column j of a query row covers the keys [floor(j * L / K), floor((j + 1) * L / K)) where L = S for
 bidirectional attention and L = pos + 1 for causal attention (the row's K columns cover only keys [0, pos],
@@ -37,6 +39,9 @@ __all__ = [
     "check_attention_shapes",
     "column_scores_ref",
     "column_scores_bwd_ref",
+    "decoder_ref",
+    "performer_features_ref",
+    "performer_query_ref",
 ]
 
 
@@ -334,3 +339,74 @@ def column_scores_bwd_ref(grad, q, k, K: int, causal: bool, scale: float, key_va
     if key_valid is not None:
         dk = dk * key_valid[:, None, :, None].to(wd)
     return dq.to(q.dtype), dk.to(k.dtype)
+
+
+def _conv_rows(x: torch.Tensor, weight, bias, causal: bool, rows=None):
+    """3x3 conv over the (T x W) image x (N, C, T, W), zero padding in W. Bidirectional: one zero row above and below.
+    Causal in T: output row t sees rows t-2..t; `rows` (N, C, 2, W) are the two image rows before x (a decode step's
+    state, zeros at the start). Returns the conv output and x's last two rows after them (None if bidirectional)."""
+    F = torch.nn.functional
+    if not causal:
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, bias), None
+    x = F.pad(x, (0, 0, 2, 0)) if rows is None else torch.cat([rows.to(x.dtype), x], dim=2)
+    return F.conv2d(F.pad(x, (1, 1, 0, 0)), weight, bias), x[:, :, -2:]
+
+
+def decoder_ref(img, w1, b1, ln_w, ln_b, w2, b2, causal: bool, rows1=None, rows2=None, eps: float = 1e-5,
+                content=None, content_weight=None, selectable=None, heads: int = 1):
+    """The estimator's decoder CNN (SEA.md step 3) on its (T x W) image of C channels, and what the logits get after it:
+
+        z = LayerNorm_W(img + GELU(conv1(img)));  sub = conv2(z)  (r channels);  logits[..., x * r + i] = sub[i, :, x]
+        logits += content_weight[h] * content;  logits = -inf where not selectable
+
+    img (N, C, T, W) with N = B * heads (any strides); w1 (C, C, 3, 3), b1 (C,), ln_w, ln_b (W,), w2 (r, C, 3, 3),
+    b2 (r,); rows1, rows2 (N, C, 2, W): causal only, the two rows of img and of z before these T rows (None: zeros);
+    content (B, heads, T, K) and content_weight (heads,) or None; selectable (T, K) or (B, 1, T, K) bool or None.
+    Returns logits (B, heads, T, K) and the new rows1, rows2 (None when bidirectional). Computes in img's dtype (the
+    estimator runs it under autocast too); the pixel shuffle makes the full-width logits from r sub-columns per
+    pixel, r times less convolution than convolving a (T x K) image.
+    """
+    N, C, T, W = img.shape
+    y, rows1 = _conv_rows(img, w1, b1, causal, rows1)
+    z = torch.nn.functional.layer_norm(img + torch.nn.functional.gelu(y), (W,), ln_w, ln_b, eps)
+    sub, rows2 = _conv_rows(z, w2, b2, causal, rows2)  # (N, r, T, W)
+    logits = sub.permute(0, 2, 3, 1).reshape(N // heads, heads, T, W * sub.shape[1])  # column x * r + i <- channel i
+    if content is not None:
+        logits = logits + content_weight.view(1, heads, 1, 1) * content
+    if selectable is not None:
+        logits = logits.masked_fill(~selectable, float("-inf"))
+    return logits, rows1, rows2
+
+
+PERFORMER_CLAMP = 30.0  # exp(30) * 64k keys stays far below fp32's max: the Performer's sums never overflow
+
+
+def performer_features_ref(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """Positive random features (FAVOR+, SEA.md step 1) of x (..., D) with projection proj (m, D) -> (..., m) fp32
+    (fp64 for fp64 inputs).
+
+    x is first scaled to norm D^(1/4), so the kernel approximated is exp(sqrt(D) cos(q, k)): a softmax over cosine
+    similarity. With bounded norms the exponent is bounded, so no data-dependent stabiliser is needed; that keeps
+    the causal prefix sums exactly causal and lets a decode step carry them as plain state."""
+    D = x.shape[-1]
+    wd = _work_dtype(x)
+    xt = torch.nn.functional.normalize(x.to(wd), dim=-1) * D**0.25
+    z = xt @ proj.to(wd).T - 0.5 * math.sqrt(D)
+    return torch.exp(z.clamp(max=PERFORMER_CLAMP))
+
+
+def performer_query_ref(q, proj, kv, ln_w, ln_b, eps: float = 1e-5):
+    """What a bidirectional SEA estimator makes of its queries before the encoder MLP (SEA.md steps 1-2):
+
+        num = phi(q) @ kv;  ctx = num[:-1] / num[-1];  x = LayerNorm([ctx, q / |q|])
+
+    q (B, H, T, D); proj (m, D); kv (B, Hkv, m, D + E + 1) with H a multiple of Hkv (query head h reads kv head
+    h // (H / Hkv)); ln_w, ln_b (2D + E,). Returns x (B, H, T, 2D + E) fp32 (fp64 for fp64 inputs)."""
+    B, H, T, D = q.shape
+    Hkv, m = kv.shape[1], kv.shape[2]
+    qf = performer_features_ref(q, proj).view(B, Hkv, H // Hkv, T, m)
+    wd = _work_dtype(q)
+    num = (qf @ kv.to(wd).unsqueeze(2)).reshape(B, H, T, -1)  # (B, H, T, D + E + 1)
+    ctx = num[..., :-1] / num[..., -1:].clamp(min=1e-30)
+    x = torch.cat([ctx, torch.nn.functional.normalize(q.to(wd), dim=-1)], dim=-1)
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)

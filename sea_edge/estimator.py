@@ -12,19 +12,16 @@ memory traffic than convolving the upsampled (T x K) image, which at long contex
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sea_edge.kernels import column_scores
+from sea_edge.kernels import column_scores, decoder_ref, performer_features_ref
 
 from .config import SEAConfig
 
 __all__ = ["SEAEstimator", "EstimatorOutput"]
-
-_EXP_CLAMP = 30.0  # exp(30) * 64k keys stays far below fp32's max: the prefix sums never overflow
 
 
 class EstimatorOutput:
@@ -81,15 +78,9 @@ class SEAEstimator(nn.Module):
 
     # -- step 1: Performer estimate -------------------------------------------------------------------------------
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """Positive random features of x (..., D) -> (..., m).
-
-        x is first scaled to norm D^(1/4), so the kernel approximated is exp(sqrt(D) cos(q, k)): a softmax over
-        cosine similarity. With bounded norms the exponent is bounded, so no data-dependent stabiliser is needed;
-        that keeps the causal prefix sums exactly causal and lets a decode step carry them as plain state.
-        """
-        xt = F.normalize(x.float(), dim=-1) * self.D**0.25
-        z = xt @ self.proj.T - 0.5 * math.sqrt(self.D)
-        return torch.exp(z.clamp(max=_EXP_CLAMP))
+        """Positive random features of x (..., D) -> (..., m): kernels.performer_features_ref (norm D^(1/4), so the
+        kernel approximated is exp(sqrt(D) cos(q, k)) and no data-dependent stabiliser is needed)."""
+        return performer_features_ref(x, self.proj)
 
     def _eye(self, positions: torch.Tensor, S: int) -> torch.Tensor:
         """The "eye" basis (SEA.md step 1): one-hot of each key's compressed column. Bidirectional: K columns over
@@ -97,6 +88,19 @@ class SEAEstimator(nn.Module):
         L = self.max_positions if self.causal else S
         col = torch.clamp(torch.div(positions * self.E, L, rounding_mode="floor"), max=self.E - 1)
         return F.one_hot(col, self.E).float()  # (S, E)
+
+    def _key_terms(self, k, v, key_valid, first: int = 0):
+        """The keys' side of the Performer from key `first` on: phi(k) (B, Hkv, S - first, m), zero on padding, and
+        the values it carries, [v, eye, 1] (B, Hkv, S - first, D + E + 1)."""
+        B, Hkv, S, _ = k.shape
+        kf = self._features(k[:, :, first:])  # (B, Hkv, S - first, m)
+        if key_valid is not None:
+            kf = kf * key_valid[:, None, first:, None].to(kf.dtype)
+        pos = torch.arange(first, S, device=k.device)
+        n = S - first
+        ones = torch.ones(B, Hkv, n, 1, device=k.device)
+        vals = torch.cat([v[:, :, first:].float(), self._eye(pos, S).expand(B, Hkv, n, self.E), ones], dim=-1)
+        return kf, vals
 
     def performer(self, q, k, v, key_valid=None, state=None):
         """Linear-time attention of q over [v, eye] (SEA.md step 1), E eye columns. Returns ((B, H, T, D + E), new
@@ -111,13 +115,7 @@ class SEAEstimator(nn.Module):
         g = H // Hkv
         first = S - T if (self.causal and state is not None) else 0  # keys not yet in the state
         qf = self._features(q).view(B, Hkv, g, T, self.m)  # (B, Hkv, g, T, m)
-        kf = self._features(k[:, :, first:])  # (B, Hkv, S - first, m)
-        if key_valid is not None:
-            kf = kf * key_valid[:, None, first:, None].to(kf.dtype)
-        pos = torch.arange(first, S, device=q.device)
-        n = S - first
-        ones = torch.ones(B, Hkv, n, 1, device=q.device)
-        vals = torch.cat([v[:, :, first:].float(), self._eye(pos, S).expand(B, Hkv, n, self.E), ones], dim=-1)
+        kf, vals = self._key_terms(k, v, key_valid, first)
         if not self.causal:
             kv = kf.transpose(-1, -2) @ vals  # (B, Hkv, m, D+E+1)
             num, new_state = qf @ kv.unsqueeze(2), None  # (B, Hkv, g, T, D+E+1)
@@ -152,14 +150,15 @@ class SEAEstimator(nn.Module):
         return out.view(B, Hkv, g, N * c, W).index_select(3, rows), state0 + blocks.sum(2)  # is a guard to export
 
     # -- steps 2-3: encoder and decoder CNN ----------------------------------------------------------------------
-    def _conv(self, conv: nn.Conv2d, x: torch.Tensor, rows=None):
-        """3x3 conv over the (T x K/r) image x (B*H, C, T, K/r). Causal in T: only rows above are padded, so row t
-        never sees later rows; `rows` (B*H, C, 2, K/r) are the two image rows before x (a decode step's state,
-        zeros at the start). Returns the conv output and the image's last two rows (None when bidirectional)."""
-        if not self.causal:
-            return conv(F.pad(x, (1, 1, 1, 1))), None
-        x = F.pad(x, (0, 0, 2, 0)) if rows is None else torch.cat([rows.to(x.dtype), x], dim=2)
-        return conv(F.pad(x, (1, 1, 0, 0))), x[:, :, -2:]
+    def _decoder(self, img: torch.Tensor):
+        """The decoder's implementation for this call: the two Triton launches of kernels/triton_decoder.py on CUDA
+        when no gradient is wanted (inference, evaluation), else the plain-torch reference (training, CPU, export).
+        Both compute reference.decoder_ref."""
+        if img.is_cuda and not torch.is_grad_enabled():
+            from sea_edge.kernels import decoder_triton
+
+            return decoder_triton
+        return decoder_ref
 
     def forward(self, q, k, v, selectable, key_valid=None, state=None) -> EstimatorOutput:
         """q (B, H, T, D), k/v (B, Hkv, S, D), selectable (T, K) or (B, 1, T, K) bool: columns that hold a real
@@ -167,19 +166,28 @@ class SEAEstimator(nn.Module):
         first S - T positions left (EstimatorOutput.state is the same after all S)."""
         B, H, T, D = q.shape
         perf, rows1, rows2 = state if state is not None else (None, None, None)
-        ctx, perf = self.performer(q, k, v, key_valid, perf)  # (B, H, T, D+E)
-        x = torch.cat([ctx, F.normalize(q.float(), dim=-1)], dim=-1)
-        feat = self.encoder(self.in_norm(x)) + self.head_embed[:, None, :]  # (B, H, T, 2D)
+        if not self.causal and q.is_cuda and not torch.is_grad_enabled():
+            # inference on the GPU: the query side (features, phi(q) @ kv, [ctx, q / |q|], in_norm) in one Triton
+            # pass (kernels/triton_performer.py); the keys' state kv stays one torch GEMM over the keys
+            from sea_edge.kernels import performer_query_triton
+
+            kf, vals = self._key_terms(k, v, key_valid)
+            x = performer_query_triton(q, self.proj, kf.transpose(-1, -2) @ vals, self.in_norm.weight,
+                                       self.in_norm.bias, self.in_norm.eps)  # (B, H, T, 2D+E), normalised
+        else:
+            ctx, perf = self.performer(q, k, v, key_valid, perf)  # (B, H, T, D+E)
+            x = self.in_norm(torch.cat([ctx, F.normalize(q.float(), dim=-1)], dim=-1))
+        feat = self.encoder(x) + self.head_embed[:, None, :]  # (B, H, T, 2D)
         img = self.to_rows(feat).view(B * H, T, self.C, -1).permute(0, 2, 1, 3)  # (B*H, C, T, K/r)
         flat = (lambda r: None if r is None else r.reshape(B * H, self.C, 2, -1))
-        y, rows1 = self._conv(self.conv1, img, flat(rows1))
-        img = self.norm(img + F.gelu(y))
-        sub, rows2 = self._conv(self.conv2, img, flat(rows2))  # (B*H, r, T, K/r)
-        logits = sub.permute(0, 2, 3, 1).reshape(B, H, T, self.K)  # pixel shuffle: column j*r + i <- channel i
+        content = kw = None
         if self.cfg.key_scores:  # q against each column's mean key: where the row attends by content
             content = column_scores(q, k, self.K, self.causal, D**-0.5, key_valid)  # (B, H, T, K) fp32
-            logits = logits + self.key_weight.view(1, H, 1, 1) * content
-        logits = logits.masked_fill(~selectable, float("-inf"))
+            kw = self.key_weight
+        logits, rows1, rows2 = self._decoder(img)(
+            img, self.conv1.weight, self.conv1.bias, self.norm.weight, self.norm.bias, self.conv2.weight,
+            self.conv2.bias, self.causal, flat(rows1), flat(rows2), self.norm.eps, content, kw, selectable, H,
+        )  # (B, H, T, K), -inf on unselectable columns
         mix, gain = torch.sigmoid(self.mixer(feat)).unbind(-1)
         out = EstimatorOutput(logits, mix.unsqueeze(-1), 2.0 * gain.unsqueeze(-1), feat)
         if self.causal:

@@ -34,7 +34,7 @@ from sea_edge.kernels.triton_sparse_attention import (
 )
 from test_kernels_sparse_attention import DT, assert_grads_close, attention_gather, make_qkv
 
-from sea_edge.testing import assert_close_to_ref, assert_rel_err
+from sea_edge.testing import assert_close_to_ref, assert_rel_err, rel_err
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -225,6 +225,15 @@ def test_sea_layer_cuda_path_equals_cpu_path(causal):
         est.cuda()
         got, st_gpu = sea_attention(est, q.cuda(), k.cuda(), v.cuda(), 0.125, kv.cuda(), record=True)
     # the estimates differ by fp32 rounding (other reduction orders), which may flip a near-tie of the top-k
-    same = (st_gpu.idx.cpu() == st_cpu.idx).all(-1).float().mean().item()
-    assert same >= 0.999, f"the two paths kept the same keys in only {same:.2%} of the rows"
-    assert_rel_err(got.cpu(), want, 1e-3)
+    la, lb = st_cpu.estimate.logits, st_gpu.estimate.logits.cpu()
+    fin = torch.isfinite(la)
+    assert torch.equal(fin, torch.isfinite(lb)), "the two paths mask different columns"
+    rows = (st_gpu.idx.cpu() == st_cpu.idx).all(-1)  # (1, H, T): rows that kept the same keys
+    same = rows.float().mean().item()
+    est_err, out_err = rel_err(lb[fin], la[fin]), rel_err(got.cpu()[rows], want[rows])
+    seen = f"estimate error {est_err:.3g}, same keys in {same:.3%} of the rows, their output error {out_err:.3g}"
+    assert est_err <= 1e-4, seen
+    assert same >= 0.999, seen
+    # a row whose near-tie flipped attends to other keys (one of 13500 on an H100 in one test order: 1.2e-3 over
+    # the whole output); rows with the same keys must agree to fp32 rounding
+    assert out_err <= 1e-4, seen
