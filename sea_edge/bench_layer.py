@@ -112,31 +112,40 @@ def profile_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, d
 
 
 def sweep_settings(out: Path) -> list[dict]:
-    """GPU: the layer (T = 64k, 12/12 heads, k = 64) under launch settings of the mask and plan kernels and cuDNN's
-    TF32 convolutions, plus the plan from columns alone at k = 2048; prints JSON lines, writes sweep.json."""
+    """GPU: the layer (T = 64k, 12/12 heads, k = 64) under launch settings of its Triton kernels (each module's _CFG:
+    mask, plan, decoder, column scores) and cuDNN's TF32, plus the plan from columns alone at k = 2048; prints JSON
+    lines, writes sweep.json."""
     import importlib
 
     from sea_edge.kernels.bench import bench_masks
 
-    mask = importlib.import_module("sea_edge.kernels.mask")
-    sa = importlib.import_module("sea_edge.kernels.triton_sparse_attention")
-    saved = dict(mask._CFG), dict(sa._CFG), torch.backends.cudnn.allow_tf32
-    settings = [{}, {"select_warps": 2}, {"select_warps": 4}, {"select_warps": 8}, {"cols_plan_warps": 1},
-                {"cols_plan_warps": 4}, {"tf32_conv": False}]
+    mods = [importlib.import_module(f"sea_edge.kernels.{m}") for m in
+            ("mask", "triton_sparse_attention", "triton_decoder", "triton_column_scores", "triton_performer")]
+    sa = mods[1]
+    saved = [dict(m._CFG) for m in mods], torch.backends.cudnn.allow_tf32
+
+    def apply(st: dict):
+        for m, cfg in zip(mods, saved[0]):
+            m._CFG.update(cfg)
+            m._CFG.update({k: v for k, v in st.items() if k in m._CFG})
+        torch.backends.cudnn.allow_tf32 = st.get("tf32_conv", saved[1])
+
+    settings = [{}, {"select_warps": 2}, {"decoder_block": 2048}, {"decoder_warps": 8}, {"scores_block_m": 32},
+                {"scores_warps": 2},
+                {"scores_warps": 8}, {"scores_stages": 2}, {"scores_block_m": 128}, {"performer_block_t": 64},
+                {"performer_block_f": 64}, {"performer_warps": 8}]
     rows = []
     for causal in (False, True):
         for st in settings:
-            mask._CFG.update(saved[0])
-            sa._CFG.update(saved[1])
-            torch.backends.cudnn.allow_tf32 = st.get("tf32_conv", saved[2])
-            mask._CFG.update({k: v for k, v in st.items() if k in mask._CFG})
-            sa._CFG.update({k: v for k, v in st.items() if k in sa._CFG})
+            apply(st)
             r = {"what": "layer", "T": 65536, "causal": causal, **st}
-            r["sea_ms"] = bench_layer(65536, 64, 12, 12, causal)["sea_ms"]
+            try:
+                r["sea_ms"] = bench_layer(65536, 64, 12, 12, causal)["sea_ms"]
+            except Exception as e:  # a setting the GPU cannot launch (shared memory, registers): a row, not a crash
+                r["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(r)
             print(json.dumps(r), flush=True)
-    mask._CFG.update(saved[0])
-    torch.backends.cudnn.allow_tf32 = saved[2]
+    apply({})
     for causal in (False, True):
         _, K, cols = bench_masks(1, 12, 65536, 65536, 2048, causal, "cuda")
         for w in (1, 2, 4):
@@ -145,7 +154,7 @@ def sweep_settings(out: Path) -> list[dict]:
                  "ms": _time_ms(lambda: sa.sparse_attention_cols_plan(cols, K, 65536, causal), True)}  # noqa: B023
             rows.append(r)
             print(json.dumps(r), flush=True)
-    sa._CFG.update(saved[1])
+    apply({})
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
     return rows
