@@ -14,6 +14,18 @@ import pytest
 os.environ.setdefault("SEA_EDGE_TEACHER_CACHE", "1")
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Without a GPU the Triton kernels run in Triton's interpreter (CI). Set here, before any test module imports the
+# kernels (triton reads it at import), so every kernel test file runs the same way alone or in a whole run.
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the default teacher, SmolLM2-135M-Instruct, fp32, eval mode, eager attention."""

@@ -9,13 +9,10 @@ twice torch's own error (sea_edge.testing), and a whole SEA layer on CUDA agains
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernels module is imported
 pytest.importorskip("triton")
 
 from sea_edge.kernels import (

@@ -8,13 +8,9 @@ torch's own error in that dtype against fp64 (sea_edge.testing).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernels module is imported
 pytest.importorskip("triton")
 
 from sea_edge.kernels import column_scores, column_scores_bwd_ref, column_scores_ref, column_spans

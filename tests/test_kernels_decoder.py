@@ -8,13 +8,9 @@ own fp32 error against fp64.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernels module is imported
 pytest.importorskip("triton")
 
 from sea_edge.kernels import decoder_ref

@@ -3,13 +3,9 @@ must be identical, ties included. CPU under TRITON_INTERPRET=1; GPU (`-m gpu`) a
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from sea_edge.kernels import expand_columns_ref, select_columns_ref, sparse_index_ref

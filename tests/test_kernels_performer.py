@@ -7,13 +7,9 @@ GPU (`-m gpu`): the default geometry (D = 64, m = 266, E = 128) at real lengths.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernels module is imported
 pytest.importorskip("triton")
 
 from sea_edge.kernels import performer_features_ref, performer_query_ref
