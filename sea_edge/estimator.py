@@ -12,7 +12,6 @@ memory traffic than convolving the upsampled (T x K) image, which at long contex
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +21,12 @@ from sea_edge.kernels import column_scores, decoder_ref, performer_features_ref
 from .config import SEAConfig
 
 __all__ = ["SEAEstimator", "EstimatorOutput"]
+
+
+def _triton_inference(x: torch.Tensor) -> bool:
+    """Whether this call runs the estimator's Triton kernels: CUDA tensors and no gradient wanted (inference,
+    evaluation). Training, the CPU and the ONNX export run the plain-torch references."""
+    return x.is_cuda and not torch.is_grad_enabled()
 
 
 class EstimatorOutput:
@@ -151,10 +156,9 @@ class SEAEstimator(nn.Module):
 
     # -- steps 2-3: encoder and decoder CNN ----------------------------------------------------------------------
     def _decoder(self, img: torch.Tensor):
-        """The decoder's implementation for this call: the two Triton launches of kernels/triton_decoder.py on CUDA
-        when no gradient is wanted (inference, evaluation), else the plain-torch reference (training, CPU, export).
-        Both compute reference.decoder_ref."""
-        if img.is_cuda and not torch.is_grad_enabled():
+        """The decoder's implementation for this call: the two Triton launches of kernels/triton_decoder.py when
+        _triton_inference, else the plain-torch reference. Both compute reference.decoder_ref."""
+        if _triton_inference(img):
             from sea_edge.kernels import decoder_triton
 
             return decoder_triton
@@ -166,7 +170,7 @@ class SEAEstimator(nn.Module):
         first S - T positions left (EstimatorOutput.state is the same after all S)."""
         B, H, T, D = q.shape
         perf, rows1, rows2 = state if state is not None else (None, None, None)
-        if not self.causal and q.is_cuda and not torch.is_grad_enabled():
+        if not self.causal and _triton_inference(q):
             # inference on the GPU: the query side (features, phi(q) @ kv, [ctx, q / |q|], in_norm) in one Triton
             # pass (kernels/triton_performer.py); the keys' state kv stays one torch GEMM over the keys
             from sea_edge.kernels import performer_query_triton
