@@ -582,7 +582,10 @@ def test_split_session_arguments(exported_default, monkeypatch):
 def test_split_with_the_triton_kernel_interpreted(exported_default, split, whole, reference):
     """The GPU path's attention, sparse_attention_triton, inside the split graph on the CPU (TRITON_INTERPRET=1,
     as CI runs): the idx rows the exported graph builds are what the kernel expects (ascending, -1 at the end), and
-    the logits equal the whole graph's. One short prefill: the interpreter is slow."""
+    the logits equal the whole graph's. One short prefill: the interpreter is slow. The column scores run their
+    reference here: interpreted, the causal kernel walks K = 256 boundaries per (head, layer), 8 minutes for this
+    prefill; tests/test_kernels_cols.py checks that kernel against the same reference (and `-m gpu` at real
+    shapes)."""
     import os
 
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -594,6 +597,9 @@ def test_split_with_the_triton_kernel_interpreted(exported_default, split, whole
 
     s = SeaSession(exported_default.out, split=True, attention="triton", verify=False,
                    cache_dir=split.config.cache_dir)
+    from sea_edge.kernels.reference import column_scores_ref
+
+    s.backend._scores_fn = column_scores_ref
     ids = reference["ids"][:1, :20]
     ref = whole.prefill_logits(ids)
     got = s.prefill_logits(ids)
