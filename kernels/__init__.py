@@ -10,6 +10,7 @@ if __name__ != "sea_edge.kernels":
 
 from .op import column_scores, select_columns_op, sparse_attention, sparse_attention_cols, sparse_index_op
 from .reference import (
+    causal_linear_attention_ref,
     check_attention_shapes,
     column_scores_bwd_ref,
     column_scores_ref,
@@ -17,7 +18,9 @@ from .reference import (
     decoder_ref,
     expand_columns_ref,
     performer_features_ref,
+    performer_causal_ref,
     performer_query_ref,
+    performer_values,
     row_columns,
     select_columns_ref,
     sparse_attention_bwd_ref,
@@ -30,6 +33,7 @@ _LAZY = {
     "column_scores_triton": "triton_column_scores",
     "decoder_triton": "triton_decoder",
     "performer_query_triton": "triton_performer",
+    "performer_causal_triton": "triton_performer",
     "select_columns": "mask",
     "expand_columns": "mask",
     "sparse_index": "mask",
@@ -61,6 +65,10 @@ __all__ = [
     "performer_features_ref",
     "performer_query_ref",
     "performer_query_triton",
+    "performer_causal_ref",
+    "performer_causal_triton",
+    "performer_values",
+    "causal_linear_attention_ref",
     "expand_columns",
     "expand_columns_ref",
     "select_columns",

@@ -9,7 +9,8 @@ Layout, stated once for the whole kernels package:
     cols (B, Hq, T, c)    kept compressed columns per head, ascending, -1 in unused slots (c = per-head cap).
     idx  (B, Hq, T, w)    kept key indices per query row, ascending, -1 in unused slots, all -1 at the end.
     img  (N, C, T, W)     the estimator's decoder image, N = B * Hq, C channels, W = K / r (decoder_ref).
-    kv   (B, Hkv, m, D+E+1)  bidirectional Performer state: sum over keys of phi(k) [v, eye, 1] (performer_query_ref).
+    kv   (B, Hkv, m, D+E+1)  bidirectional Performer state: sum over keys of phi(k) [v, eye, 1] (performer_query_ref);
+                          causal: the same sum over the keys before the first query (performer_causal_ref).
 
 Compressed column j of a query row covers the keys [floor(j * L / K), floor((j + 1) * L / K)) where L = S for
 bidirectional attention and L = pos + 1 for causal attention (the row's K columns cover only keys [0, pos],
@@ -42,6 +43,9 @@ __all__ = [
     "decoder_ref",
     "performer_features_ref",
     "performer_query_ref",
+    "causal_linear_attention_ref",
+    "performer_causal_ref",
+    "performer_values",
 ]
 
 
@@ -410,3 +414,67 @@ def performer_query_ref(q, proj, kv, ln_w, ln_b, eps: float = 1e-5):
     ctx = num[..., :-1] / num[..., -1:].clamp(min=1e-30)
     x = torch.cat([ctx, torch.nn.functional.normalize(q.to(wd), dim=-1)], dim=-1)
     return torch.nn.functional.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+
+
+def causal_linear_attention_ref(qf: torch.Tensor, kf: torch.Tensor, vals: torch.Tensor, state0: torch.Tensor,
+                                chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal linear attention: out_t = qf_t @ (state0 + sum over s <= t of kf_s^T vals_s), query t and key t at the
+    same position. qf (B, Hkv, g, T, m), kf (B, Hkv, T, m), vals (B, Hkv, T, W), state0 (B, Hkv, m, W). Returns
+    out (B, Hkv, g, T, W) and the state after the last key (B, Hkv, m, W).
+
+    Prefix sums in blocks of `chunk` tokens, all blocks at once (a handful of launches, not T / chunk): keys of
+    earlier blocks enter through an exclusive prefix sum of per-block (m x W) states, keys of the same block through
+    a (chunk x chunk) lower-triangular product. Memory is linear in T; nothing is (T x T)."""
+    B, Hkv, g, T, m = qf.shape
+    W = vals.shape[-1]
+    c = torch.sym_min(chunk, T)  # sym_min: T may be a symbolic size under export
+    N = (T + c - 1) // c
+    pad = N * c - T
+    kc = torch.nn.functional.pad(kf, (0, 0, 0, pad)).view(B, Hkv, N, c, m)
+    vc = torch.nn.functional.pad(vals, (0, 0, 0, pad)).view(B, Hkv, N, c, W)
+    qc = torch.nn.functional.pad(qf, (0, 0, 0, pad)).view(B, Hkv, g, N, c, m)
+    blocks = kc.transpose(-1, -2) @ vc  # (B, Hkv, N, m, W)
+    before = blocks.cumsum(2) - blocks + state0.unsqueeze(2)  # exclusive prefix: keys of earlier blocks
+    tri = torch.ones(c, c, device=qf.device, dtype=torch.bool).tril()
+    scores = (qc @ kc.transpose(-1, -2).unsqueeze(2)) * tri  # (B, Hkv, g, N, c, c)
+    out = scores @ vc.unsqueeze(2) + qc @ before.unsqueeze(2)  # (B, Hkv, g, N, c, W)
+    rows = torch.arange(T, device=qf.device)  # index_select, not [:T]: a slice of a padded symbolic length
+    return out.view(B, Hkv, g, N * c, W).index_select(3, rows), state0 + blocks.sum(2)  # is a guard to export
+
+
+def performer_values(v: torch.Tensor, pos0: int, E: int, L: int) -> torch.Tensor:
+    """What each key carries in a causal Performer: [v, eye, 1] (B, Hkv, T, D + E + 1) for the keys at positions
+    pos0 .. pos0 + T - 1; eye is the one-hot of the key's column min(pos * E // L, E - 1) (SEA.md step 1)."""
+    B, Hkv, T, _ = v.shape
+    pos = torch.arange(pos0, pos0 + T, device=v.device)
+    col = torch.clamp(torch.div(pos * E, L, rounding_mode="floor"), max=E - 1)
+    eye = torch.nn.functional.one_hot(col, E).to(_work_dtype(v))
+    ones = torch.ones(B, Hkv, T, 1, device=v.device, dtype=eye.dtype)
+    return torch.cat([v.to(eye.dtype), eye.expand(B, Hkv, T, E), ones], dim=-1)
+
+
+def performer_causal_ref(q, k, v, proj, state0, ln_w, ln_b, eps: float, E: int, L: int, pos0: int,
+                         key_valid: torch.Tensor | None = None, chunk: int = 128):
+    """What a causal SEA estimator makes of its queries before the encoder MLP (SEA.md steps 1-2), the causal
+    counterpart of performer_query_ref:
+
+        num_t = phi(q_t) @ (state0 + sum over s <= t of phi(k_s) [v_s, eye_s, 1]);  ctx = num[:-1] / num[-1];
+        x = LayerNorm([ctx, q / |q|])
+
+    q (B, H, T, D); k, v (B, Hkv, T, D): the T keys at the queries' positions pos0 .. pos0 + T - 1; state0
+    (B, Hkv, m, D + E + 1): the same sum over the keys before pos0 (zeros if none); key_valid (B, T) bool: padding
+    keys add nothing; E eye columns over L positions. Returns x (B, H, T, 2D + E) and the state after the last key
+    (B, Hkv, m, D + E + 1), fp32 (fp64 for fp64 inputs)."""
+    B, H, T, _ = q.shape
+    Hkv, m = k.shape[1], proj.shape[0]
+    wd = _work_dtype(q)
+    qf = performer_features_ref(q, proj).view(B, Hkv, H // Hkv, T, m)
+    kf = performer_features_ref(k, proj)
+    if key_valid is not None:
+        kf = kf * key_valid[:, None, :, None].to(kf.dtype)
+    vals = performer_values(v.to(wd), pos0, E, L)
+    num, state = causal_linear_attention_ref(qf, kf, vals, state0.to(wd), chunk)
+    num = num.reshape(B, H, T, -1)
+    ctx = num[..., :-1] / num[..., -1:].clamp(min=1e-30)
+    x = torch.cat([ctx, torch.nn.functional.normalize(q.to(wd), dim=-1)], dim=-1)
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), ln_w.to(wd), ln_b.to(wd), eps), state

@@ -113,7 +113,7 @@ def profile_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, d
 
 def sweep_settings(out: Path) -> list[dict]:
     """GPU: the layer (T = 64k, 12/12 heads, k = 64) under launch settings of its Triton kernels (each module's _CFG:
-    mask, plan, decoder, column scores) and cuDNN's TF32, plus the plan from columns alone at k = 2048; prints JSON
+    mask, plan, decoder, column scores, Performer) and cuDNN's TF32, plus the plan from columns alone at k = 2048; prints JSON
     lines, writes sweep.json."""
     import importlib
 
@@ -134,9 +134,11 @@ def sweep_settings(out: Path) -> list[dict]:
                 {"scores_warps": 2},
                 {"scores_warps": 8}, {"scores_stages": 2}, {"scores_block_m": 128}, {"performer_block_t": 64},
                 {"performer_block_f": 64}, {"performer_warps": 8}]
+    causal_only = [{"causal_chunk": 64}, {"causal_chunk": 256}, {"causal_block_t": 64}, {"causal_block_t": 16},
+                   {"causal_warps": 8}, {"state_block_s": 64}, {"state_warps": 8}]  # the causal Performer's
     rows = []
     for causal in (False, True):
-        for st in settings:
+        for st in settings + (causal_only if causal else []):
             apply(st)
             r = {"what": "layer", "T": 65536, "causal": causal, **st}
             try:

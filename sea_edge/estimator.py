@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sea_edge.kernels import column_scores, decoder_ref, performer_features_ref
+from sea_edge.kernels import causal_linear_attention_ref, column_scores, decoder_ref, performer_features_ref
 
 from .config import SEAConfig
 
@@ -128,31 +128,28 @@ class SEAEstimator(nn.Module):
             off = S - T - first  # keys before query 0 that are not in a state yet (0 when one is given)
             if state is None:
                 state = kf[:, :, :off].transpose(-1, -2) @ vals[:, :, :off]  # (B, Hkv, m, W)
-            num, new_state = self._causal_linear_attention(qf, kf[:, :, off:], vals[:, :, off:], state)
+            num, new_state = causal_linear_attention_ref(qf, kf[:, :, off:], vals[:, :, off:], state,
+                                                         self.cfg.performer_chunk)
         num = num.reshape(B, H, T, -1)
         return num[..., :-1] / num[..., -1:].clamp(min=1e-30), new_state
 
-    def _causal_linear_attention(self, qf, kf, vals, state0):
-        """Causal prefix sums in blocks of c tokens, all blocks at once (a handful of launches, not T / c):
-        keys of earlier blocks enter through an exclusive prefix sum of per-block (m x W) states, keys of the same
-        block through a (c x c) lower-triangular product, keys before the first query through `state0`.
-        Memory is linear in T; nothing is (T x S). Returns the output (B, Hkv, g, T, W) and the state after the
-        last key."""
-        B, Hkv, g, T, m = qf.shape
-        W = vals.shape[-1]
-        c = torch.sym_min(self.cfg.performer_chunk, T)  # sym_min: T may be a symbolic size under export
-        N = (T + c - 1) // c
-        pad = N * c - T
-        kc = F.pad(kf, (0, 0, 0, pad)).view(B, Hkv, N, c, m)
-        vc = F.pad(vals, (0, 0, 0, pad)).view(B, Hkv, N, c, W)
-        qc = F.pad(qf, (0, 0, 0, pad)).view(B, Hkv, g, N, c, m)
-        blocks = kc.transpose(-1, -2) @ vc  # (B, Hkv, N, m, W)
-        before = blocks.cumsum(2) - blocks + state0.unsqueeze(2)  # exclusive prefix: keys of earlier blocks
-        tri = torch.ones(c, c, device=qf.device, dtype=torch.bool).tril()
-        scores = (qc @ kc.transpose(-1, -2).unsqueeze(2)) * tri  # (B, Hkv, g, N, c, c)
-        out = scores @ vc.unsqueeze(2) + qc @ before.unsqueeze(2)  # (B, Hkv, g, N, c, W)
-        rows = torch.arange(T, device=qf.device)  # index_select, not [:T]: a slice of a padded symbolic length
-        return out.view(B, Hkv, g, N * c, W).index_select(3, rows), state0 + blocks.sum(2)  # is a guard to export
+    def _performer_causal_triton(self, q, k, v, key_valid, state):
+        """The causal Performer and the encoder's input LayerNorm by performer_causal_triton: the keys before the
+        first query enter as its state0 (the carried `state`, or their sum here). Returns (x, new state)."""
+        from sea_edge.kernels import performer_causal_triton
+
+        B, _, T, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        if state is None and S > T:  # a prefill after keys of its own (not a decode step): sum them first
+            kf, vals = self._key_terms(k[:, :, : S - T], v[:, :, : S - T],
+                                       None if key_valid is None else key_valid[:, : S - T])
+            state = kf.transpose(-1, -2) @ vals
+        elif state is None:
+            state = torch.zeros(B, Hkv, self.m, D + self.E + 1, device=q.device)
+        return performer_causal_triton(
+            q, k[:, :, S - T :], v[:, :, S - T :], self.proj, state, self.in_norm.weight, self.in_norm.bias,
+            self.in_norm.eps, self.E, self.max_positions, S - T,
+            None if key_valid is None else key_valid[:, S - T :])
 
     # -- steps 2-3: encoder and decoder CNN ----------------------------------------------------------------------
     def _decoder(self, img: torch.Tensor):
@@ -178,6 +175,8 @@ class SEAEstimator(nn.Module):
             kf, vals = self._key_terms(k, v, key_valid)
             x = performer_query_triton(q, self.proj, kf.transpose(-1, -2) @ vals, self.in_norm.weight,
                                        self.in_norm.bias, self.in_norm.eps)  # (B, H, T, 2D+E), normalised
+        elif _triton_inference(q):  # causal, on the GPU: the same in three launches (kernels/triton_performer.py)
+            x, perf = self._performer_causal_triton(q, k, v, key_valid, perf)
         else:
             ctx, perf = self.performer(q, k, v, key_valid, perf)  # (B, H, T, D+E)
             x = self.in_norm(torch.cat([ctx, F.normalize(q.float(), dim=-1)], dim=-1))

@@ -1,5 +1,6 @@
-"""A bidirectional estimator's query side in Triton (kernels/triton_performer.py) against
-reference.performer_query_ref, and the estimator running it.
+"""An estimator's query side in Triton (kernels/triton_performer.py) against reference.performer_query_ref
+(bidirectional) and reference.performer_causal_ref (causal), the causal reference against the plain quadratic form,
+and the estimator running the kernels.
 
 CPU: TRITON_INTERPRET=1 at tiny odd shapes (D and the feature count not powers of two, GQA, rows past a tile).
 GPU (`-m gpu`): the default geometry (D = 64, m = 266, E = 128) at real lengths.
@@ -12,8 +13,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from sea_edge.kernels import performer_features_ref, performer_query_ref
-from sea_edge.kernels.triton_performer import performer_query_triton
+from sea_edge.kernels import (
+    causal_linear_attention_ref,
+    performer_causal_ref,
+    performer_features_ref,
+    performer_query_ref,
+    performer_values,
+)
+from sea_edge.kernels import triton_performer
+from sea_edge.kernels.triton_performer import performer_causal_triton, performer_query_triton
 
 from sea_edge.testing import assert_close_to_ref, assert_rel_err
 
@@ -100,3 +108,129 @@ def test_performer_query_gpu_real_shapes(heads, dt):
     out = performer_query_triton(*args)
     exact = performer_query_ref(args[0].double(), *(a.double() for a in args[1:]))
     assert_close_to_ref(out, performer_query_ref(*args), exact, what=f"{dt} performer query")
+
+
+# -- causal ---------------------------------------------------------------------------------------------------------
+def make_causal(B, H, Hkv, T, D, m, E, dtype=torch.float32, seed=0, with_state=True, with_valid=True):
+    g = torch.Generator().manual_seed(seed)
+    rnd = (lambda *s: torch.randn(*s, generator=g).to(DEV))
+    q, k, v = rnd(B, H, T, D).to(dtype), rnd(B, Hkv, T, D).to(dtype), rnd(B, Hkv, T, D).to(dtype)
+    proj = rnd(m, D)
+    W = D + E + 1
+    state0 = (rnd(B, Hkv, m, W).abs() * 3 if with_state else torch.zeros(B, Hkv, m, W, device=DEV))
+    state0[..., -1] += 1.0  # a state's last column sums phi > 0
+    ln_w, ln_b = 1 + 0.1 * rnd(2 * D + E), 0.1 * rnd(2 * D + E)
+    valid = None
+    if with_valid:
+        valid = torch.rand(B, T, generator=g).to(DEV) > 0.2
+        valid[:, 0] = True
+    return q, k, v, proj, state0, ln_w, ln_b, valid
+
+
+def test_causal_linear_attention_matches_quadratic_form():
+    """The chunked algebra (chunk 5 over T = 23: a short last chunk) against out_t = qf_t @ (state0 + sum_{s<=t}
+    kf_s^T vals_s) written out directly, fp64."""
+    g = torch.Generator().manual_seed(1)
+    B, Hkv, G, T, m, W = 2, 2, 3, 23, 7, 6
+    qf, kf = torch.rand(B, Hkv, G, T, m, generator=g).double(), torch.rand(B, Hkv, T, m, generator=g).double()
+    vals, state0 = torch.randn(B, Hkv, T, W, generator=g).double(), torch.randn(B, Hkv, m, W, generator=g).double()
+    out, state = causal_linear_attention_ref(qf, kf, vals, state0, chunk=5)
+    tri = torch.ones(T, T, dtype=torch.bool).tril()
+    want = ((qf @ kf.transpose(-1, -2).unsqueeze(2)) * tri) @ vals.unsqueeze(2) + qf @ state0.unsqueeze(2)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, state0 + kf.transpose(-1, -2) @ vals, rtol=1e-12, atol=1e-12)
+
+
+def test_performer_values_eye_columns():
+    v = torch.zeros(1, 1, 6, 2)
+    vals = performer_values(v, pos0=10, E=4, L=16)  # positions 10..15: columns 2, 2, 3, 3, 3, 3
+    assert vals.shape == (1, 1, 6, 2 + 4 + 1)
+    assert vals[0, 0, :, 2:6].argmax(-1).tolist() == [2, 2, 3, 3, 3, 3] and (vals[..., -1] == 1).all()
+    assert performer_values(v, pos0=30, E=4, L=16)[0, 0, :, 2:6].argmax(-1).tolist() == [3] * 6  # clamped
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Chunks of 32 keys in tiles of 16 rows, so tiny T crosses tiles and chunks."""
+    monkeypatch.setitem(triton_performer._CFG, "causal_chunk", 32)
+    monkeypatch.setitem(triton_performer._CFG, "causal_block_t", 16)
+    monkeypatch.setitem(triton_performer._CFG, "state_block_s", 16)
+
+
+CAUSAL_CASES = [  # B, H, Hkv, T, D, m, E, state0, key_valid
+    (1, 2, 2, 37, 16, 20, 8, True, True),  # two chunks, the second short
+    (2, 4, 2, 19, 12, 27, 5, False, True),  # GQA, D and m not powers of two, no prior state
+    (1, 3, 1, 1, 8, 33, 16, True, False),  # one row (a decode step)
+    (1, 2, 1, 70, 16, 18, 4, False, False),  # three chunks, more positions than the eye spans: clamped columns
+]
+
+
+@pytest.mark.parametrize("case", CAUSAL_CASES, ids=lambda c: "B{}-H{}/{}-T{}-D{}-m{}-E{}-state{}-valid{}".format(*c))
+def test_performer_causal_matches_reference(case, small_tiles):
+    B, H, Hkv, T, D, m, E, with_state, with_valid = case
+    q, k, v, proj, state0, ln_w, ln_b, valid = make_causal(B, H, Hkv, T, D, m, E, with_state=with_state,
+                                                          with_valid=with_valid)
+    args = (q, k, v, proj, state0, ln_w, ln_b, 1e-5, E, 48, 5)  # L = 48 positions, the first query at 5
+    out, state = performer_causal_triton(*args, key_valid=valid)
+    ref, ref_state = performer_causal_ref(*args, key_valid=valid, chunk=7)
+    assert out.shape == ref.shape == (B, H, T, 2 * D + E) and state.shape == ref_state.shape
+    assert_rel_err(out, ref, 1e-5, "x")
+    assert_rel_err(state, ref_state, 1e-5, "state")
+
+
+def test_performer_causal_rejects_bad_shapes(small_tiles):
+    q, k, v, proj, state0, ln_w, ln_b, valid = make_causal(1, 2, 2, 5, 8, 10, 4)
+    args = (ln_w, ln_b, 1e-5, 4, 16, 0)
+    with pytest.raises(ValueError, match="state0"):
+        performer_causal_triton(q, k, v, proj, state0[:, :, :-1], *args)
+    with pytest.raises(ValueError, match="k and v"):
+        performer_causal_triton(q, k[:, :, :-1], v[:, :, :-1], proj, state0, *args)
+    with pytest.raises(ValueError, match="key_valid"):
+        performer_causal_triton(q, k, v, proj, state0, *args, key_valid=valid[:, :-1])
+    with pytest.raises(ValueError, match="LayerNorm width"):
+        performer_causal_triton(q, k, v, proj, state0, ln_w[:-1], ln_b[:-1], 1e-5, 4, 16, 0)
+
+
+def test_estimator_causal_fused_matches_torch_path(monkeypatch, small_tiles):
+    """The causal estimator with the Triton query side (prefill with padding keys, then a decode step from the
+    carried state, then a prefill after keys of its own without a state) equals its torch path: logits and state.
+    On the CPU the fused branch is entered by making the inputs look like CUDA tensors to the estimator."""
+    from sea_edge.attention import selectable_columns
+
+    est = _estimator(True)
+    B, S = 2, 40
+    q, k, v = (torch.randn(B, n, S, 12, device=DEV) for n in (4, 2, 2))
+    valid = torch.ones(B, S, dtype=torch.bool, device=DEV)
+    valid[1, :3] = False  # left padding in the second sequence
+
+    def run(fused):
+        with monkeypatch.context() as mp, torch.no_grad():
+            if fused and not CUDA:
+                mp.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+            pre = est(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], selectable_columns(S - 1, S - 1, 16, True, DEV),
+                      valid[:, :-1])
+            step = est(q[:, :, -1:], k, v, selectable_columns(1, S, 16, True, DEV), valid, state=pre.state)
+            tail = est(q[:, :, -9:], k, v, selectable_columns(9, S, 16, True, DEV), valid)
+        return pre, step, tail
+
+    for ref, out in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        for a, b in zip(out.state, ref.state, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("heads", [(12, 12), (9, 3)], ids=["12-12", "9-3"])
+def test_performer_causal_gpu_real_shapes(heads, dt):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt]
+    H, Hkv = heads
+    q, k, v, proj, state0, ln_w, ln_b, valid = make_causal(1, H, Hkv, 16387, 64, 266, 128, dtype=dtype, seed=H,
+                                                          with_state=False, with_valid=False)
+    args = (q, k, v, proj, state0, ln_w, ln_b, 1e-5, 128, 32768, 0)
+    out, state = performer_causal_triton(*args)
+    ref, ref_state = performer_causal_ref(*args)
+    exact, exact_state = performer_causal_ref(*(a.double() for a in args[:7]), *args[7:])
+    assert_close_to_ref(out, ref, exact, what=f"{dt} causal performer x")
+    assert_close_to_ref(state, ref_state, exact_state, what=f"{dt} causal performer state")
