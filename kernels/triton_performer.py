@@ -215,27 +215,43 @@ def _performer_causal_query_kernel(
     c0 = (t0 // CHUNK) * CHUNK  # the tile's chunk starts here (BLOCK_T divides CHUNK)
     st_base = Buf + b * stride_bb + hk * stride_bh + (t0 // CHUNK) * stride_bn
     acc = tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32)
-    for f0 in range(0, M, BLOCK_F):  # keys of earlier chunks (and before pos0): one (m x W) state
-        phi = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
-        f = f0 + tl.arange(0, BLOCK_F)
-        st = tl.load(st_base + f[:, None] * stride_bm + w[None, :], mask=(f < M)[:, None] & (w < W)[None, :],
-                     other=0.0)
-        acc = _dot(phi, st, acc, IEEE)
     k_base = Kk + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    for s0 in range(c0, t0 + BLOCK_T, BLOCK_T):  # keys of this chunk up to the tile's last row
-        s = s0 + tl.arange(0, BLOCK_T)
-        smask = s < T
-        xk, keep = _key_rows(k_base + s * stride_ks, s, smask, Valid + b * stride_valb, HAS_VALID, q_scale,
+    if CHUNK == BLOCK_T:  # the tile is the chunk: one pass over the features serves the state and the diagonal
+        s = rows
+        xk, keep = _key_rows(k_base + s * stride_ks, s, rmask, Valid + b * stride_valb, HAS_VALID, q_scale,
                              D, BLOCK_D)
         sc = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
         for f0 in range(0, M, BLOCK_F):
-            phi_q = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
+            phi = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
+            f = f0 + tl.arange(0, BLOCK_F)
+            st = tl.load(st_base + f[:, None] * stride_bm + w[None, :], mask=(f < M)[:, None] & (w < W)[None, :],
+                         other=0.0)
+            acc = _dot(phi, st, acc, IEEE)
             phi_k = _features(xk, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
-            sc = _dot(phi_q, tl.trans(phi_k), sc, IEEE)
+            sc = _dot(phi, tl.trans(phi_k), sc, IEEE)
         sc = tl.where((s[None, :] <= rows[:, None]) & keep[None, :], sc, 0.0)
-        vals = _values(v_base + s * stride_vs, s, smask, pos0, L, D, E, BLOCK_W)
-        acc = _dot(sc, vals, acc, IEEE)
+        acc = _dot(sc, _values(v_base + s * stride_vs, s, rmask, pos0, L, D, E, BLOCK_W), acc, IEEE)
+    else:
+        for f0 in range(0, M, BLOCK_F):  # keys of earlier chunks (and before pos0): one (m x W) state
+            phi = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
+            f = f0 + tl.arange(0, BLOCK_F)
+            st = tl.load(st_base + f[:, None] * stride_bm + w[None, :], mask=(f < M)[:, None] & (w < W)[None, :],
+                         other=0.0)
+            acc = _dot(phi, st, acc, IEEE)
+        for s0 in range(c0, t0 + BLOCK_T, BLOCK_T):  # keys of this chunk up to the tile's last row
+            s = s0 + tl.arange(0, BLOCK_T)
+            smask = s < T
+            xk, keep = _key_rows(k_base + s * stride_ks, s, smask, Valid + b * stride_valb, HAS_VALID, q_scale,
+                                 D, BLOCK_D)
+            sc = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+            for f0 in range(0, M, BLOCK_F):
+                phi_q = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
+                phi_k = _features(xk, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
+                sc = _dot(phi_q, tl.trans(phi_k), sc, IEEE)
+            sc = tl.where((s[None, :] <= rows[:, None]) & keep[None, :], sc, 0.0)
+            vals = _values(v_base + s * stride_vs, s, smask, pos0, L, D, E, BLOCK_W)
+            acc = _dot(sc, vals, acc, IEEE)
     _store_encoder_input(acc, qn, LnW, LnB, Out + b * stride_ob + h * stride_oh + rows * stride_ot, rmask, eps,
                          D, E, BLOCK_D, BLOCK_W)
 

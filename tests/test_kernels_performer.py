@@ -149,11 +149,13 @@ def test_performer_values_eye_columns():
     assert performer_values(v, pos0=30, E=4, L=16)[0, 0, :, 2:6].argmax(-1).tolist() == [3] * 6  # clamped
 
 
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """Chunks of 32 keys in tiles of 16 rows, so tiny T crosses tiles and chunks."""
-    monkeypatch.setitem(triton_performer._CFG, "causal_chunk", 32)
-    monkeypatch.setitem(triton_performer._CFG, "causal_block_t", 16)
+@pytest.fixture(params=[(32, 16), (16, 16)], ids=["chunk32-tile16", "chunk16-tile16"])
+def small_tiles(request, monkeypatch):
+    """Chunks of 32 keys in tiles of 16 rows (two tiles per chunk), or the tile as the chunk (the kernel's one-pass
+    branch), so tiny T crosses tiles and chunks."""
+    chunk, tile = request.param
+    monkeypatch.setitem(triton_performer._CFG, "causal_chunk", chunk)
+    monkeypatch.setitem(triton_performer._CFG, "causal_block_t", tile)
     monkeypatch.setitem(triton_performer._CFG, "state_block_s", 16)
 
 
