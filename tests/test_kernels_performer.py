@@ -28,6 +28,14 @@ from sea_edge.testing import assert_close_to_ref, assert_rel_err
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def real_shapes(test):
+    """A `-m gpu` test at the default geometry in every dtype, for 12/12 and SmolLM2's 9/3 heads."""
+    test = pytest.mark.parametrize("heads", [(12, 12), (9, 3)], ids=["12-12", "9-3"])(test)
+    test = pytest.mark.parametrize("dt", list(DTYPES))(test)
+    return gpu(pytest.mark.gpu(test))
 
 
 def make(B, H, Hkv, T, S, D, m, E, dtype=torch.float32, seed=0):
@@ -97,12 +105,9 @@ def test_estimator_fused_query_side_matches_torch_path(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("dt", ["fp16", "bf16", "fp32"])
-@pytest.mark.parametrize("heads", [(12, 12), (9, 3)], ids=["12-12", "9-3"])
+@real_shapes
 def test_performer_query_gpu_real_shapes(heads, dt):
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt]
+    dtype = DTYPES[dt]
     H, Hkv = heads
     args = make(1, H, Hkv, 16387, 16387, 64, 266, 128, dtype=dtype, seed=H)
     out = performer_query_triton(*args)
@@ -221,12 +226,9 @@ def test_estimator_causal_fused_matches_torch_path(monkeypatch, small_tiles):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("dt", ["fp16", "bf16", "fp32"])
-@pytest.mark.parametrize("heads", [(12, 12), (9, 3)], ids=["12-12", "9-3"])
+@real_shapes
 def test_performer_causal_gpu_real_shapes(heads, dt):
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt]
+    dtype = DTYPES[dt]
     H, Hkv = heads
     q, k, v, proj, state0, ln_w, ln_b, valid = make_causal(1, H, Hkv, 16387, 64, 266, 128, dtype=dtype, seed=H,
                                                           with_state=False, with_valid=False)
