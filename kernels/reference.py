@@ -46,6 +46,7 @@ __all__ = [
     "causal_linear_attention_ref",
     "performer_causal_ref",
     "performer_values",
+    "performer_kv_ref",
 ]
 
 
@@ -451,6 +452,17 @@ def performer_values(v: torch.Tensor, pos0: int, E: int, L: int) -> torch.Tensor
     eye = torch.nn.functional.one_hot(col, E).to(_work_dtype(v))
     ones = torch.ones(B, Hkv, T, 1, device=v.device, dtype=eye.dtype)
     return torch.cat([v.to(eye.dtype), eye.expand(B, Hkv, T, E), ones], dim=-1)
+
+
+def performer_kv_ref(k, v, proj, E: int, L: int, pos0: int = 0, key_valid: torch.Tensor | None = None):
+    """The keys' Performer state: sum over the keys of phi(k)^T [v, eye, 1] (B, Hkv, m, D + E + 1), fp32 (fp64 for
+    fp64 inputs). k, v (B, Hkv, S, D) at positions pos0 .. pos0 + S - 1; padding keys (key_valid False) add nothing.
+    Bidirectional: L = S (kv of performer_query_ref); causal: the keys before the first query (state0 of
+    performer_causal_ref)."""
+    kf = performer_features_ref(k, proj)
+    if key_valid is not None:
+        kf = kf * key_valid[:, None, :, None].to(kf.dtype)
+    return kf.transpose(-1, -2) @ performer_values(v.to(kf.dtype), pos0, E, L)
 
 
 def performer_causal_ref(q, k, v, proj, state0, ln_w, ln_b, eps: float, E: int, L: int, pos0: int,

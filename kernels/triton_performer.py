@@ -30,10 +30,11 @@ import triton.language as tl
 
 from .reference import PERFORMER_CLAMP
 
-__all__ = ["performer_causal_triton", "performer_query_triton"]
+__all__ = ["performer_causal_triton", "performer_kv_triton", "performer_query_triton"]
 
 _CFG = {"performer_block_t": 32, "performer_block_f": 32, "performer_warps": 4,  # sea_edge.bench_layer --sweep
-        "causal_chunk": 128, "causal_block_t": 32, "causal_warps": 4, "state_block_s": 32, "state_warps": 4}
+        "causal_chunk": 128, "causal_block_t": 32, "causal_warps": 4, "state_block_s": 32, "state_warps": 4,
+        "kv_keys": 2048}
 
 
 @triton.jit
@@ -307,32 +308,62 @@ def performer_causal_triton(q, k, v, proj, state0, ln_w, ln_b, eps: float, E: in
         raise ValueError(f"key_valid must be (B, T) = {(B, T)}, got {tuple(key_valid.shape)}")
     f32 = (lambda t: t.detach().to(device=q.device, dtype=torch.float32).contiguous())
     q, k, v, proj = q.contiguous(), k.contiguous(), v.contiguous(), f32(proj)
-    valid = key_valid.contiguous().view(torch.uint8) if key_valid is not None else None
-    chunk, bt, bf = _CFG["causal_chunk"], _CFG["causal_block_t"], _CFG["performer_block_f"]
+    chunk, bt = _CFG["causal_chunk"], _CFG["causal_block_t"]
     if chunk % bt:
         raise ValueError(f"causal_chunk {chunk} must be a multiple of causal_block_t {bt}")
     N = triton.cdiv(T, chunk)
     buf = torch.empty(B, Hkv, N + 1, M, W, device=q.device, dtype=torch.float32)  # [state0, chunk 0, ..., N - 1]
     buf[:, :, 0] = state0
-    ieee = not (q.is_cuda and torch.backends.cuda.matmul.allow_tf32)
-    common = dict(
+    common = _chunk_states(k, v, proj, key_valid, E, L, pos0, chunk, buf)
+    buf.cumsum_(2)  # buf[n] = state0 + chunks 0 .. n - 1: what precedes chunk n; buf[N] covers every key
+    out = torch.empty(B, H, T, 2 * D + E, device=q.device, dtype=torch.float32)
+    _performer_causal_query_kernel[(triton.cdiv(T, bt), B * H)](
+        Q=q, Kk=k, V=v, Proj=proj, Buf=buf, LnW=f32(ln_w), LnB=f32(ln_b), Out=out, eps=float(eps),
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_ot=out.stride(2),
+        H=H, G=H // Hkv, BLOCK_T=bt, num_warps=_CFG["causal_warps"], **common)
+    return out, buf[:, :, N].clone()
+
+
+def _chunk_states(k, v, proj, key_valid, E: int, L: int, pos0: int, chunk: int, buf) -> dict:
+    """Launch _performer_chunk_state_kernel: buf[:, :, n + 1] = the state sum of keys [n chunk, (n + 1) chunk).
+    k, v contiguous, proj fp32 contiguous. Returns the launch arguments the query kernel shares."""
+    B, Hkv, T, D = k.shape
+    M, W = proj.shape[0], buf.shape[-1]
+    valid = key_valid.contiguous().view(torch.uint8) if key_valid is not None else None
+    bf = _CFG["performer_block_f"]
+    common = dict(  # noqa: C408 (keyword names = the kernels' parameters)
         T=T, M=M, L=int(L), pos0=int(pos0), q_scale=D**0.25, z_shift=0.5 * math.sqrt(D), clamp=PERFORMER_CLAMP,
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_ks=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vs=v.stride(2),
         stride_valb=valid.stride(0) if valid is not None else 0,
         stride_bb=buf.stride(0), stride_bh=buf.stride(1), stride_bn=buf.stride(2), stride_bm=buf.stride(3),
-        D=D, E=E, HAS_VALID=valid is not None, CHUNK=chunk, BLOCK_F=bf, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_W=triton.next_power_of_2(W), IEEE=ieee,
+        D=D, E=int(E), HAS_VALID=valid is not None, CHUNK=chunk, BLOCK_F=bf,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_W=triton.next_power_of_2(W),
+        IEEE=not (k.is_cuda and torch.backends.cuda.matmul.allow_tf32),  # as torch's own fp32 matmuls would
+        Valid=valid if valid is not None else k,  # any pointer when there is no mask; never read
     )
-    valid = valid if valid is not None else q  # any pointer; never read
-    _performer_chunk_state_kernel[(N, B * Hkv, triton.cdiv(M, bf))](
-        Kk=k, V=v, Valid=valid, Proj=proj, Buf=buf, HKV=Hkv, BLOCK_S=_CFG["state_block_s"],
-        num_warps=_CFG["state_warps"], **common)
-    buf.cumsum_(2)  # buf[n] = state0 + chunks 0 .. n - 1: what precedes chunk n; buf[N] covers every key
-    out = torch.empty(B, H, T, 2 * D + E, device=q.device, dtype=torch.float32)
-    _performer_causal_query_kernel[(triton.cdiv(T, bt), B * H)](
-        Q=q, Kk=k, V=v, Valid=valid, Proj=proj, Buf=buf, LnW=f32(ln_w), LnB=f32(ln_b), Out=out, eps=float(eps),
-        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
-        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_ot=out.stride(2),
-        H=H, G=H // Hkv, BLOCK_T=bt, num_warps=_CFG["causal_warps"], **common)
-    return out, buf[:, :, N].clone()
+    _performer_chunk_state_kernel[(buf.shape[2] - 1, B * Hkv, triton.cdiv(M, bf))](
+        Kk=k, V=v, Proj=proj, Buf=buf, HKV=Hkv, BLOCK_S=_CFG["state_block_s"], num_warps=_CFG["state_warps"],
+        **common)
+    return common
+
+
+def performer_kv_triton(k, v, proj, E: int, L: int, pos0: int = 0, key_valid=None):
+    """reference.performer_kv_ref on the GPU: sum over the keys of phi(k)^T [v, eye, 1] (B, Hkv, m, D + E + 1) fp32,
+    phi(k) and the values built in registers (never stored). Programs of kv_keys keys each write a partial state;
+    torch sums them."""
+    B, Hkv, S, D = k.shape
+    if v.shape != k.shape:
+        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if proj.dim() != 2 or proj.shape[1] != D:
+        raise ValueError(f"proj must be (m, D) with D = {D}, got {tuple(proj.shape)}")
+    if key_valid is not None and tuple(key_valid.shape) != (B, S):
+        raise ValueError(f"key_valid must be (B, S) = {(B, S)}, got {tuple(key_valid.shape)}")
+    M, W = proj.shape[0], D + E + 1
+    bs = _CFG["state_block_s"]
+    chunk = min(_CFG["kv_keys"], triton.cdiv(S, bs) * bs)
+    buf = torch.empty(B, Hkv, triton.cdiv(S, chunk) + 1, M, W, device=k.device, dtype=torch.float32)
+    proj = proj.detach().to(device=k.device, dtype=torch.float32).contiguous()
+    _chunk_states(k.contiguous(), v.contiguous(), proj, key_valid, E, L, pos0, chunk, buf)
+    return buf[:, :, 1:].sum(2)

@@ -136,14 +136,13 @@ class SEAEstimator(nn.Module):
     def _performer_causal_triton(self, q, k, v, key_valid, state):
         """The causal Performer and the encoder's input LayerNorm by performer_causal_triton: the keys before the
         first query enter as its state0 (the carried `state`, or their sum here). Returns (x, new state)."""
-        from sea_edge.kernels import performer_causal_triton
+        from sea_edge.kernels import performer_causal_triton, performer_kv_triton
 
         B, _, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         if state is None and S > T:  # a prefill after keys of its own (not a decode step): sum them first
-            kf, vals = self._key_terms(k[:, :, : S - T], v[:, :, : S - T],
-                                       None if key_valid is None else key_valid[:, : S - T])
-            state = kf.transpose(-1, -2) @ vals
+            state = performer_kv_triton(k[:, :, : S - T], v[:, :, : S - T], self.proj, self.E, self.max_positions,
+                                        0, None if key_valid is None else key_valid[:, : S - T])
         elif state is None:
             state = torch.zeros(B, Hkv, self.m, D + self.E + 1, device=q.device)
         return performer_causal_triton(
@@ -168,12 +167,12 @@ class SEAEstimator(nn.Module):
         B, H, T, D = q.shape
         perf, rows1, rows2 = state if state is not None else (None, None, None)
         if not self.causal and _triton_inference(q):
-            # inference on the GPU: the query side (features, phi(q) @ kv, [ctx, q / |q|], in_norm) in one Triton
-            # pass (kernels/triton_performer.py); the keys' state kv stays one torch GEMM over the keys
-            from sea_edge.kernels import performer_query_triton
+            # inference on the GPU (kernels/triton_performer.py): the keys' state kv in one Triton pass over the keys,
+            # then the query side (features, phi(q) @ kv, [ctx, q / |q|], in_norm) in one pass over the queries
+            from sea_edge.kernels import performer_kv_triton, performer_query_triton
 
-            kf, vals = self._key_terms(k, v, key_valid)
-            x = performer_query_triton(q, self.proj, kf.transpose(-1, -2) @ vals, self.in_norm.weight,
+            kv = performer_kv_triton(k, v, self.proj, self.E, k.shape[2], 0, key_valid)  # eye over the S keys
+            x = performer_query_triton(q, self.proj, kv, self.in_norm.weight,
                                        self.in_norm.bias, self.in_norm.eps)  # (B, H, T, 2D+E), normalised
         elif _triton_inference(q):  # causal, on the GPU: the same in three launches (kernels/triton_performer.py)
             x, perf = self._performer_causal_triton(q, k, v, key_valid, perf)

@@ -17,11 +17,12 @@ from sea_edge.kernels import (
     causal_linear_attention_ref,
     performer_causal_ref,
     performer_features_ref,
+    performer_kv_ref,
     performer_query_ref,
     performer_values,
 )
 from sea_edge.kernels import triton_performer
-from sea_edge.kernels.triton_performer import performer_causal_triton, performer_query_triton
+from sea_edge.kernels.triton_performer import performer_causal_triton, performer_kv_triton, performer_query_triton
 
 from sea_edge.testing import assert_close_to_ref, assert_rel_err
 
@@ -185,6 +186,18 @@ def test_performer_causal_matches_reference(case, small_tiles):
     assert_rel_err(state, ref_state, 1e-5, "state")
 
 
+@pytest.mark.parametrize("keys", [40, 1], ids=["S40", "S1"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all-keys", "padding"])
+def test_performer_kv_matches_reference(keys, masked, monkeypatch):
+    """The keys' state over partial states of 16 keys each (S = 40: three programs, the last short)."""
+    monkeypatch.setitem(triton_performer._CFG, "kv_keys", 16)
+    monkeypatch.setitem(triton_performer._CFG, "state_block_s", 16)
+    _, k, v, proj, *_, valid = make_causal(2, 2, 2, keys, 12, 27, 5, with_valid=masked)
+    kv = performer_kv_triton(k, v, proj, 5, keys, 3, valid)
+    assert kv.shape == (2, 2, 27, 12 + 5 + 1)
+    assert_rel_err(kv, performer_kv_ref(k, v, proj, 5, keys, 3, valid), 1e-5)
+
+
 def test_performer_causal_rejects_bad_shapes(small_tiles):
     q, k, v, proj, state0, ln_w, ln_b, valid = make_causal(1, 2, 2, 5, 8, 10, 4)
     args = (ln_w, ln_b, 1e-5, 4, 16, 0)
@@ -238,3 +251,12 @@ def test_performer_causal_gpu_real_shapes(heads, dt):
     exact, exact_state = performer_causal_ref(*(a.double() for a in args[:7]), *args[7:])
     assert_close_to_ref(out, ref, exact, what=f"{dt} causal performer x")
     assert_close_to_ref(state, ref_state, exact_state, what=f"{dt} causal performer state")
+
+
+@real_shapes
+def test_performer_kv_gpu_real_shapes(heads, dt):
+    _, k, v, proj, *_ = make_causal(1, heads[0], heads[1], 16387, 64, 266, 128, dtype=DTYPES[dt], seed=heads[0],
+                                    with_valid=False)
+    kv = performer_kv_triton(k, v, proj, 128, 16387)
+    exact = performer_kv_ref(k.double(), v.double(), proj.double(), 128, 16387)
+    assert_close_to_ref(kv, performer_kv_ref(k, v, proj, 128, 16387), exact, what=f"{dt} keys' state")
