@@ -34,7 +34,7 @@ __all__ = ["performer_causal_triton", "performer_kv_triton", "performer_query_tr
 
 _CFG = {"performer_block_t": 32, "performer_block_f": 32, "performer_warps": 4,  # sea_edge.bench_layer --sweep
         "causal_chunk": 128, "causal_block_t": 32, "causal_warps": 4, "state_block_s": 32, "state_warps": 4,
-        "kv_keys": 2048}
+        "state_block_w": 64, "kv_keys": 2048}
 
 
 @triton.jit
@@ -131,10 +131,10 @@ def _performer_query_fwd_kernel(
 
 
 @triton.jit
-def _values(v_rows, s, smask, pos0, L, D: tl.constexpr, E: tl.constexpr, BLOCK_W: tl.constexpr):
-    """[v, eye, 1] of the keys s (rows, BLOCK_W) fp32: v_rows are the keys' row pointers into V; the eye is the
-    one-hot of column min((pos0 + s) * E // L, E - 1)."""
-    w = tl.arange(0, BLOCK_W)
+def _values(v_rows, s, smask, pos0, L, w0, D: tl.constexpr, E: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Columns w0 .. w0 + BLOCK_W of [v, eye, 1] of the keys s (rows, BLOCK_W) fp32: v_rows are the keys' row
+    pointers into V; the eye is the one-hot of column min((pos0 + s) * E // L, E - 1)."""
+    w = w0 + tl.arange(0, BLOCK_W)
     vv = tl.load(v_rows[:, None] + w[None, :], mask=smask[:, None] & (w < D)[None, :], other=0.0).to(tl.float32)
     col = tl.minimum(((pos0 + s).to(tl.int64) * E) // L, E - 1)
     one = (w[None, :] == (D + col)[:, None]) | (w[None, :] == D + E)
@@ -163,14 +163,17 @@ def _performer_chunk_state_kernel(
     HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr, HAS_VALID: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Buf[b, hk, n + 1, f-block] = sum over the chunk's keys s of phi_f(k_s)^T [v_s, eye_s, 1]."""
+    """Buf[b, hk, n + 1, f-block, w-block] = sum over the chunk's keys s of phi_f(k_s)^T [v_s, eye_s, 1]_w: one
+    program per (chunk, head, feature block, BLOCK_W columns), so the accumulator stays (BLOCK_F x BLOCK_W)."""
     n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    f0 = tl.program_id(2) * BLOCK_F
+    nf = tl.cdiv(M, BLOCK_F)
+    f0 = (tl.program_id(2) % nf) * BLOCK_F
+    w0 = (tl.program_id(2) // nf) * BLOCK_W
     b = (pid_bh // HKV).to(tl.int64)
     hk = (pid_bh % HKV).to(tl.int64)
     W: tl.constexpr = D + E + 1
-    w = tl.arange(0, BLOCK_W)
+    w = w0 + tl.arange(0, BLOCK_W)
     f = f0 + tl.arange(0, BLOCK_F)
     acc = tl.zeros([BLOCK_F, BLOCK_W], dtype=tl.float32)
     for s0 in range(n * CHUNK, n * CHUNK + CHUNK, BLOCK_S):
@@ -179,7 +182,7 @@ def _performer_chunk_state_kernel(
         xk, keep = _key_rows(Kk + b * stride_kb + hk * stride_kh + s * stride_ks, s, smask,
                              Valid + b * stride_valb, HAS_VALID, q_scale, D, BLOCK_D)
         phi = tl.where(keep[:, None], _features(xk, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE), 0.0)
-        vals = _values(V + b * stride_vb + hk * stride_vh + s * stride_vs, s, smask, pos0, L, D, E, BLOCK_W)
+        vals = _values(V + b * stride_vb + hk * stride_vh + s * stride_vs, s, smask, pos0, L, w0, D, E, BLOCK_W)
         acc = _dot(tl.trans(phi), vals, acc, IEEE)  # (BLOCK_F, BLOCK_W)
     tl.store(Buf + b * stride_bb + hk * stride_bh + (n + 1) * stride_bn + f[:, None] * stride_bm + w[None, :], acc,
              mask=(f < M)[:, None] & (w < W)[None, :])
@@ -232,7 +235,7 @@ def _performer_causal_query_kernel(
             phi_k = _features(xk, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
             sc = _dot(phi, tl.trans(phi_k), sc, IEEE)
         sc = tl.where((s[None, :] <= rows[:, None]) & keep[None, :], sc, 0.0)
-        acc = _dot(sc, _values(v_base + s * stride_vs, s, rmask, pos0, L, D, E, BLOCK_W), acc, IEEE)
+        acc = _dot(sc, _values(v_base + s * stride_vs, s, rmask, pos0, L, 0, D, E, BLOCK_W), acc, IEEE)
     else:
         for f0 in range(0, M, BLOCK_F):  # keys of earlier chunks (and before pos0): one (m x W) state
             phi = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
@@ -251,7 +254,7 @@ def _performer_causal_query_kernel(
                 phi_k = _features(xk, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
                 sc = _dot(phi_q, tl.trans(phi_k), sc, IEEE)
             sc = tl.where((s[None, :] <= rows[:, None]) & keep[None, :], sc, 0.0)
-            vals = _values(v_base + s * stride_vs, s, smask, pos0, L, D, E, BLOCK_W)
+            vals = _values(v_base + s * stride_vs, s, smask, pos0, L, 0, D, E, BLOCK_W)
             acc = _dot(sc, vals, acc, IEEE)
     _store_encoder_input(acc, qn, LnW, LnB, Out + b * stride_ob + h * stride_oh + rows * stride_ot, rmask, eps,
                          D, E, BLOCK_D, BLOCK_W)
@@ -321,7 +324,7 @@ def performer_causal_triton(q, k, v, proj, state0, ln_w, ln_b, eps: float, E: in
         Q=q, Kk=k, V=v, Proj=proj, Buf=buf, LnW=f32(ln_w), LnB=f32(ln_b), Out=out, eps=float(eps),
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_ot=out.stride(2),
-        H=H, G=H // Hkv, BLOCK_T=bt, num_warps=_CFG["causal_warps"], **common)
+        H=H, G=H // Hkv, BLOCK_T=bt, BLOCK_W=triton.next_power_of_2(W), num_warps=_CFG["causal_warps"], **common)
     return out, buf[:, :, N].clone()
 
 
@@ -339,13 +342,14 @@ def _chunk_states(k, v, proj, key_valid, E: int, L: int, pos0: int, chunk: int, 
         stride_valb=valid.stride(0) if valid is not None else 0,
         stride_bb=buf.stride(0), stride_bh=buf.stride(1), stride_bn=buf.stride(2), stride_bm=buf.stride(3),
         D=D, E=int(E), HAS_VALID=valid is not None, CHUNK=chunk, BLOCK_F=bf,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_W=triton.next_power_of_2(W),
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
         IEEE=not (k.is_cuda and torch.backends.cuda.matmul.allow_tf32),  # as torch's own fp32 matmuls would
         Valid=valid if valid is not None else k,  # any pointer when there is no mask; never read
     )
-    _performer_chunk_state_kernel[(buf.shape[2] - 1, B * Hkv, triton.cdiv(M, bf))](
-        Kk=k, V=v, Proj=proj, Buf=buf, HKV=Hkv, BLOCK_S=_CFG["state_block_s"], num_warps=_CFG["state_warps"],
-        **common)
+    bw = min(_CFG["state_block_w"], triton.next_power_of_2(W))
+    _performer_chunk_state_kernel[(buf.shape[2] - 1, B * Hkv, triton.cdiv(M, bf) * triton.cdiv(W, bw))](
+        Kk=k, V=v, Proj=proj, Buf=buf, HKV=Hkv, BLOCK_S=_CFG["state_block_s"], BLOCK_W=bw,
+        num_warps=_CFG["state_warps"], **common)
     return common
 
 

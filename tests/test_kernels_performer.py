@@ -163,6 +163,7 @@ def small_tiles(request, monkeypatch):
     monkeypatch.setitem(triton_performer._CFG, "causal_chunk", chunk)
     monkeypatch.setitem(triton_performer._CFG, "causal_block_t", tile)
     monkeypatch.setitem(triton_performer._CFG, "state_block_s", 16)
+    monkeypatch.setitem(triton_performer._CFG, "state_block_w", 16)  # the states in column blocks
 
 
 CAUSAL_CASES = [  # B, H, Hkv, T, D, m, E, state0, key_valid
@@ -189,9 +190,12 @@ def test_performer_causal_matches_reference(case, small_tiles):
 @pytest.mark.parametrize("keys", [40, 1], ids=["S40", "S1"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all-keys", "padding"])
 def test_performer_kv_matches_reference(keys, masked, monkeypatch):
-    """The keys' state over partial states of 16 keys each (S = 40: three programs, the last short)."""
+    """The keys' state over partial states of 16 keys each (S = 40: three programs, the last short), in blocks of
+    16 of its D + E + 1 = 18 columns."""
     monkeypatch.setitem(triton_performer._CFG, "kv_keys", 16)
     monkeypatch.setitem(triton_performer._CFG, "state_block_s", 16)
+    monkeypatch.setitem(triton_performer._CFG, "state_block_w", 16)
+    monkeypatch.setitem(triton_performer._CFG, "state_block_w", 16)  # the states in column blocks
     _, k, v, proj, *_, valid = make_causal(2, 2, 2, keys, 12, 27, 5, with_valid=masked)
     kv = performer_kv_triton(k, v, proj, 5, keys, 3, valid)
     assert kv.shape == (2, 2, 27, 12 + 5 + 1)
