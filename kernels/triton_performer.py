@@ -34,7 +34,9 @@ __all__ = ["performer_causal_triton", "performer_kv_triton", "performer_query_tr
 
 _CFG = {"performer_block_t": 32, "performer_block_f": 32, "performer_warps": 4,  # sea_edge.bench_layer --sweep
         "causal_chunk": 128, "causal_block_t": 32, "causal_warps": 4, "state_block_s": 32, "state_warps": 4,
-        "state_block_w": 64, "kv_keys": 2048}
+        "state_block_w": 64, "kv_keys": 2048,
+        # the causal estimator's route (sea_edge/estimator.py): off, the torch path, until the layer measures faster
+        "causal_fused": False}
 
 
 @triton.jit

@@ -29,6 +29,15 @@ def _triton_inference(x: torch.Tensor) -> bool:
     return x.is_cuda and not torch.is_grad_enabled()
 
 
+def _causal_fused() -> bool:
+    """Whether a causal estimator runs its Performer by performer_causal_triton when _triton_inference (the
+    launch setting `causal_fused` of kernels/triton_performer.py; off until it measures faster than the torch path
+    in the layer, kernels/NOTES.md)."""
+    from sea_edge.kernels import triton_performer
+
+    return triton_performer._CFG["causal_fused"]
+
+
 class EstimatorOutput:
     """What the estimator returns for one layer."""
 
@@ -174,7 +183,7 @@ class SEAEstimator(nn.Module):
             kv = performer_kv_triton(k, v, self.proj, self.E, k.shape[2], 0, key_valid)  # eye over the S keys
             x = performer_query_triton(q, self.proj, kv, self.in_norm.weight,
                                        self.in_norm.bias, self.in_norm.eps)  # (B, H, T, 2D+E), normalised
-        elif _triton_inference(q):  # causal, on the GPU: the same in three launches (kernels/triton_performer.py)
+        elif _triton_inference(q) and _causal_fused():  # causal: three launches (kernels/triton_performer.py)
             x, perf = self._performer_causal_triton(q, k, v, key_valid, perf)
         else:
             ctx, perf = self.performer(q, k, v, key_valid, perf)  # (B, H, T, D+E)

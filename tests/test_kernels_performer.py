@@ -221,6 +221,7 @@ def test_estimator_causal_fused_matches_torch_path(monkeypatch, small_tiles):
     On the CPU the fused branch is entered by making the inputs look like CUDA tensors to the estimator."""
     from sea_edge.attention import selectable_columns
 
+    monkeypatch.setitem(triton_performer._CFG, "causal_fused", True)
     est = _estimator(True)
     B, S = 2, 40
     q, k, v = (torch.randn(B, n, S, 12, device=DEV) for n in (4, 2, 2))
