@@ -35,6 +35,8 @@ __all__ = ["performer_causal_triton", "performer_kv_triton", "performer_query_tr
 _CFG = {"performer_block_t": 32, "performer_block_f": 32, "performer_warps": 4,  # sea_edge.bench_layer --sweep
         "causal_chunk": 128, "causal_block_t": 32, "causal_warps": 4, "state_block_s": 32, "state_warps": 4,
         "state_block_w": 64, "kv_keys": 2048,
+        # None: the whole padded state row per program, as measured in the bidirectional layer (H100, 2026-12-06)
+        "kv_block_w": None,
         # the causal estimator's route (sea_edge/estimator.py): off, the torch path, until the layer measures faster
         "causal_fused": False}
 
@@ -319,7 +321,7 @@ def performer_causal_triton(q, k, v, proj, state0, ln_w, ln_b, eps: float, E: in
     N = triton.cdiv(T, chunk)
     buf = torch.empty(B, Hkv, N + 1, M, W, device=q.device, dtype=torch.float32)  # [state0, chunk 0, ..., N - 1]
     buf[:, :, 0] = state0
-    common = _chunk_states(k, v, proj, key_valid, E, L, pos0, chunk, buf)
+    common = _chunk_states(k, v, proj, key_valid, E, L, pos0, chunk, buf, _CFG["state_block_w"])
     buf.cumsum_(2)  # buf[n] = state0 + chunks 0 .. n - 1: what precedes chunk n; buf[N] covers every key
     out = torch.empty(B, H, T, 2 * D + E, device=q.device, dtype=torch.float32)
     _performer_causal_query_kernel[(triton.cdiv(T, bt), B * H)](
@@ -330,9 +332,10 @@ def performer_causal_triton(q, k, v, proj, state0, ln_w, ln_b, eps: float, E: in
     return out, buf[:, :, N].clone()
 
 
-def _chunk_states(k, v, proj, key_valid, E: int, L: int, pos0: int, chunk: int, buf) -> dict:
-    """Launch _performer_chunk_state_kernel: buf[:, :, n + 1] = the state sum of keys [n chunk, (n + 1) chunk).
-    k, v contiguous, proj fp32 contiguous. Returns the launch arguments the query kernel shares."""
+def _chunk_states(k, v, proj, key_valid, E: int, L: int, pos0: int, chunk: int, buf, block_w: int | None) -> dict:
+    """Launch _performer_chunk_state_kernel: buf[:, :, n + 1] = the state sum of keys [n chunk, (n + 1) chunk), in
+    blocks of block_w state columns (None: the whole padded row). k, v contiguous, proj fp32 contiguous. Returns the
+    launch arguments the query kernel shares."""
     B, Hkv, T, D = k.shape
     M, W = proj.shape[0], buf.shape[-1]
     valid = key_valid.contiguous().view(torch.uint8) if key_valid is not None else None
@@ -348,7 +351,7 @@ def _chunk_states(k, v, proj, key_valid, E: int, L: int, pos0: int, chunk: int, 
         IEEE=not (k.is_cuda and torch.backends.cuda.matmul.allow_tf32),  # as torch's own fp32 matmuls would
         Valid=valid if valid is not None else k,  # any pointer when there is no mask; never read
     )
-    bw = min(_CFG["state_block_w"], triton.next_power_of_2(W))
+    bw = min(block_w or triton.next_power_of_2(W), triton.next_power_of_2(W))
     _performer_chunk_state_kernel[(buf.shape[2] - 1, B * Hkv, triton.cdiv(M, bf) * triton.cdiv(W, bw))](
         Kk=k, V=v, Proj=proj, Buf=buf, HKV=Hkv, BLOCK_S=_CFG["state_block_s"], BLOCK_W=bw,
         num_warps=_CFG["state_warps"], **common)
@@ -371,5 +374,5 @@ def performer_kv_triton(k, v, proj, E: int, L: int, pos0: int = 0, key_valid=Non
     chunk = min(_CFG["kv_keys"], triton.cdiv(S, bs) * bs)
     buf = torch.empty(B, Hkv, triton.cdiv(S, chunk) + 1, M, W, device=k.device, dtype=torch.float32)
     proj = proj.detach().to(device=k.device, dtype=torch.float32).contiguous()
-    _chunk_states(k.contiguous(), v.contiguous(), proj, key_valid, E, L, pos0, chunk, buf)
+    _chunk_states(k.contiguous(), v.contiguous(), proj, key_valid, E, L, pos0, chunk, buf, _CFG["kv_block_w"])
     return buf[:, :, 1:].sum(2)

@@ -27,7 +27,7 @@ CASES = [
     (2, 3, 13, 16, 50, True, 10, 6, True),  # S not a multiple of K, early causal rows with L < K
     (1, 12, 7, 256, 300, False, 40, 8, False),  # H*K = 12*256
     (1, 9, 5, 256, 1000, True, 100, 300, True),  # H*K = 9*256, head_cap > K
-    (2, 4, 63, 8, 100, True, 5, 3, False),
+    (2, 4, 31, 8, 100, True, 5, 3, False),
     (1, 2, 7, 32, 7, True, 64, 64, False),  # budget larger than every selectable column
     (1, 3, 9, 16, 40, False, 48, 2, True),  # budget larger than the heads' caps: each head keeps exactly its cap
     (2, 4, 11, 16, 30, True, 64, 3, False),

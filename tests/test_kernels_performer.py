@@ -189,12 +189,13 @@ def test_performer_causal_matches_reference(case, small_tiles):
 
 @pytest.mark.parametrize("keys", [40, 1], ids=["S40", "S1"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all-keys", "padding"])
-def test_performer_kv_matches_reference(keys, masked, monkeypatch):
-    """The keys' state over partial states of 16 keys each (S = 40: three programs, the last short), in blocks of
-    16 of its D + E + 1 = 18 columns."""
+@pytest.mark.parametrize("block_w", [None, 16], ids=["whole-rows", "column-blocks"])
+def test_performer_kv_matches_reference(keys, masked, block_w, monkeypatch):
+    """The keys' state over partial states of 16 keys each (S = 40: three programs, the last short), whole rows or
+    in blocks of 16 of its D + E + 1 = 18 columns."""
     monkeypatch.setitem(triton_performer._CFG, "kv_keys", 16)
     monkeypatch.setitem(triton_performer._CFG, "state_block_s", 16)
-    monkeypatch.setitem(triton_performer._CFG, "state_block_w", 16)
+    monkeypatch.setitem(triton_performer._CFG, "kv_block_w", block_w)
     monkeypatch.setitem(triton_performer._CFG, "state_block_w", 16)  # the states in column blocks
     _, k, v, proj, *_, valid = make_causal(2, 2, 2, keys, 12, 27, 5, with_valid=masked)
     kv = performer_kv_triton(k, v, proj, 5, keys, 3, valid)
