@@ -54,11 +54,58 @@ def minilm():
     return load_teacher("minilm-l6")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """The default export (exported_default) takes ~10 minutes on 2 cores, mostly single-threaded tracing in
+    torch.onnx.export. When collected tests need it, it starts now in a background process, and those tests run last
+    (a stable sort: pytest's own grouping by fixture parameters stays), so the other tests use the second core
+    meanwhile."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    if os.environ.get("SEA_EDGE_EXPORTED_DEFAULT") or config.option.collectonly:
+        return
+    needs = [("exported_default" in getattr(item, "fixturenames", ())) and not _skipped(item) for item in items]
+    if not any(needs):
+        return
+    order = sorted(range(len(items)), key=lambda i: needs[i])
+    items[:] = [items[i] for i in order]
+    root = Path(tempfile.mkdtemp(prefix="sea-edge-export-"))
+    out, log = root / "smollm2-sea", (root / "export.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from sea_edge.export.exporter import ExportConfig, "
+                             "export; export(ExportConfig(out=sys.argv[1]))", str(out)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    config.stash[_EXPORT] = (proc, root, out)
+
+
+_EXPORT = pytest.StashKey[tuple]()
+
+
+def _skipped(item) -> bool:
+    """Skipped whatever happens: a skip mark, or a skipif whose condition is already True (no GPU)."""
+    return any(item.iter_markers("skip")) or any(m.args and m.args[0] is True for m in item.iter_markers("skipif"))
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    job = config.stash.get(_EXPORT, None)
+    if job is not None:
+        proc, root, _ = job
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def exported_default(tmp_path_factory):
+def exported_default(tmp_path_factory, pytestconfig):
     """The main job on the default model, run once per session: `export(ExportConfig(out=...))` with the default
     teacher and its embedded estimator (fp32, opset 18). Returns the ExportResult (folder in .out). Several minutes
-    on 2 cores; every export/runtime/budget test shares it. SEA_EDGE_EXPORTED_DEFAULT=DIR reuses a folder that
+    on 2 cores, started in the background at collection (pytest_collection_modifyitems); every export/runtime/budget
+    test shares it. SEA_EDGE_EXPORTED_DEFAULT=DIR reuses a folder that
     `sea-edge export --out DIR` wrote instead (the GPU script exports once and hands it to its tests); tests never
     write into it (they tamper with copies)."""
     import json
@@ -68,6 +115,12 @@ def exported_default(tmp_path_factory):
     from sea_edge.export.exporter import ExportConfig, ExportResult, export
 
     reuse = os.environ.get("SEA_EDGE_EXPORTED_DEFAULT")
+    job = pytestconfig.stash.get(_EXPORT, None)
+    if job is not None:  # started in the background at collection
+        proc, root, reuse = job
+        if proc.wait() != 0:
+            tail = (root / "export.log").read_text(errors="replace")[-3000:]
+            pytest.fail(f"the background export failed (exit {proc.returncode}):\n{tail}", pytrace=False)
     if reuse:
         manifest = json.loads((Path(reuse) / "sea_edge.json").read_text(encoding="utf-8"))
         return ExportResult(Path(reuse), manifest, 0.0, manifest.get("validation", {}))
