@@ -64,6 +64,14 @@ def _features(xt, Proj, f0, M, z_shift, clamp,
 
 
 @triton.jit
+def _state_rows(st_base, f0, M, stride_m, W: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Rows f0 .. f0 + BLOCK_F of an (m x W) fp32 state at st_base (row stride stride_m), zero past m and W."""
+    f = f0 + tl.arange(0, BLOCK_F)
+    w = tl.arange(0, BLOCK_W)
+    return tl.load(st_base + f[:, None] * stride_m + w[None, :], mask=(f < M)[:, None] & (w < W)[None, :], other=0.0)
+
+
+@triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
@@ -120,16 +128,11 @@ def _performer_query_fwd_kernel(
                 mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_D)
     qn, xt = _unit_rows(q, q_scale)
     W: tl.constexpr = D + E + 1
-    w = tl.arange(0, BLOCK_W)
-    wmask = w < W
     acc = tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32)  # num = phi(q) @ kv
     kv_base = KV + b * stride_kvb + hk * stride_kvh
     for f0 in range(0, M, BLOCK_F):
         phi = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
-        f = f0 + tl.arange(0, BLOCK_F)
-        kvc = tl.load(kv_base + f[:, None] * stride_kvm + w[None, :], mask=(f < M)[:, None] & wmask[None, :],
-                      other=0.0)  # (BLOCK_F, BLOCK_W)
-        acc = _dot(phi, kvc, acc, IEEE)
+        acc = _dot(phi, _state_rows(kv_base, f0, M, stride_kvm, W, BLOCK_F, BLOCK_W), acc, IEEE)
     _store_encoder_input(acc, qn, LnW, LnB, Out + b * stride_ob + h * stride_oh + rows * stride_ot, rmask, eps,
                          D, E, BLOCK_D, BLOCK_W)
 
@@ -219,7 +222,6 @@ def _performer_causal_query_kernel(
                 mask=rmask[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
     qn, xt = _unit_rows(q, q_scale)
     W: tl.constexpr = D + E + 1
-    w = tl.arange(0, BLOCK_W)
     c0 = (t0 // CHUNK) * CHUNK  # the tile's chunk starts here (BLOCK_T divides CHUNK)
     st_base = Buf + b * stride_bb + hk * stride_bh + (t0 // CHUNK) * stride_bn
     acc = tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32)
@@ -232,10 +234,7 @@ def _performer_causal_query_kernel(
         sc = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
         for f0 in range(0, M, BLOCK_F):
             phi = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
-            f = f0 + tl.arange(0, BLOCK_F)
-            st = tl.load(st_base + f[:, None] * stride_bm + w[None, :], mask=(f < M)[:, None] & (w < W)[None, :],
-                         other=0.0)
-            acc = _dot(phi, st, acc, IEEE)
+            acc = _dot(phi, _state_rows(st_base, f0, M, stride_bm, W, BLOCK_F, BLOCK_W), acc, IEEE)
             phi_k = _features(xk, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
             sc = _dot(phi, tl.trans(phi_k), sc, IEEE)
         sc = tl.where((s[None, :] <= rows[:, None]) & keep[None, :], sc, 0.0)
@@ -243,10 +242,7 @@ def _performer_causal_query_kernel(
     else:
         for f0 in range(0, M, BLOCK_F):  # keys of earlier chunks (and before pos0): one (m x W) state
             phi = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
-            f = f0 + tl.arange(0, BLOCK_F)
-            st = tl.load(st_base + f[:, None] * stride_bm + w[None, :], mask=(f < M)[:, None] & (w < W)[None, :],
-                         other=0.0)
-            acc = _dot(phi, st, acc, IEEE)
+            acc = _dot(phi, _state_rows(st_base, f0, M, stride_bm, W, BLOCK_F, BLOCK_W), acc, IEEE)
         for s0 in range(c0, t0 + BLOCK_T, BLOCK_T):  # keys of this chunk up to the tile's last row
             s = s0 + tl.arange(0, BLOCK_T)
             smask = s < T

@@ -113,8 +113,8 @@ def profile_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, d
 
 def sweep_settings(out: Path) -> list[dict]:
     """GPU: the layer (T = 64k, 12/12 heads, k = 64) under launch settings of its Triton kernels (each module's _CFG:
-    mask, plan, decoder, column scores, Performer) and cuDNN's TF32, plus the plan from columns alone at k = 2048; prints JSON
-    lines, writes sweep.json."""
+    mask, plan, decoder, column scores, Performer) and cuDNN's TF32, plus the plan from columns alone at k = 2048;
+    prints JSON lines, writes sweep.json."""
     import importlib
 
     from sea_edge.kernels.bench import bench_masks

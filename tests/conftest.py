@@ -73,10 +73,11 @@ def pytest_collection_modifyitems(session, config, items):
     order = sorted(range(len(items)), key=lambda i: needs[i])
     items[:] = [items[i] for i in order]
     root = Path(tempfile.mkdtemp(prefix="sea-edge-export-"))
-    out, log = root / "smollm2-sea", (root / "export.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from sea_edge.export.exporter import ExportConfig, "
-                             "export; export(ExportConfig(out=sys.argv[1]))", str(out)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    out = root / "smollm2-sea"
+    with (root / "export.log").open("w") as log:  # the child keeps its own handle
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; from sea_edge.export.exporter import "
+                                 "ExportConfig, export; export(ExportConfig(out=sys.argv[1]))", str(out)],
+                                stdout=log, stderr=subprocess.STDOUT)
     config.stash[_EXPORT] = (proc, root, out)
 
 
