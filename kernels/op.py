@@ -1,6 +1,7 @@
 """`sea_edge::sparse_attention`, the one attention op every SEA layer calls.
 
-CPU implementation: the plain-torch reference. CUDA implementation: the Triton kernels of triton_sparse_attention.py, for
+CPU implementation: the plain-torch reference, or for rows of few slots over few keys the same function over all keys
+(cpu_sparse_attention.py). CUDA implementation: the Triton kernels of triton_sparse_attention.py, for
 the forward op and for the backward op (which recomputes the forward's logsumexp in Triton, since the op's schema
 returns only the output). triton is imported inside the CUDA implementations only, so `import sea_edge.kernels`
 works without it. A fake (meta) implementation
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .cpu_sparse_attention import dense_pays, sparse_attention_dense, sparse_attention_dense_bwd
 from .reference import (
     check_attention_shapes,
     column_scores_bwd_ref,
@@ -29,6 +31,8 @@ __all__ = ["column_scores", "select_columns_op", "sparse_attention", "sparse_att
 
 @torch.library.custom_op("sea_edge::sparse_attention", mutates_args=())
 def _sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
+    if dense_pays(k.shape[2], idx.shape[-1]):  # short rows over few keys: GEMMs over all keys (cpu_sparse_attention.py)
+        return sparse_attention_dense(q, k, v, idx, scale)
     return sparse_attention_ref(q, k, v, idx, scale)
 
 
@@ -48,7 +52,8 @@ def _(q, k, v, idx, scale):
 def _sparse_attention_bwd_op(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = sparse_attention_bwd_ref(grad, q, k, v, idx, scale)
+    bwd = sparse_attention_dense_bwd if dense_pays(k.shape[2], idx.shape[-1]) else sparse_attention_bwd_ref
+    dq, dk, dv = bwd(grad, q, k, v, idx, scale)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
@@ -164,7 +169,8 @@ def _sparse_attention_cols_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.
                                   cols: torch.Tensor, key_valid: torch.Tensor | None, K: int, causal: bool,
                                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     idx = expand_columns_ref(cols, K, k.shape[2], causal, key_valid)
-    dq, dk, dv = sparse_attention_bwd_ref(grad, q, k, v, idx, scale)
+    bwd = sparse_attention_dense_bwd if dense_pays(k.shape[2], idx.shape[-1]) else sparse_attention_bwd_ref
+    dq, dk, dv = bwd(grad, q, k, v, idx, scale)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
