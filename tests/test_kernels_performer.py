@@ -171,6 +171,7 @@ CAUSAL_CASES = [  # B, H, Hkv, T, D, m, E, state0, key_valid
     (2, 4, 2, 19, 12, 27, 5, False, True),  # GQA, D and m not powers of two, no prior state
     (1, 3, 1, 1, 8, 33, 16, True, False),  # one row (a decode step)
     (1, 2, 1, 70, 16, 18, 4, False, False),  # three chunks, more positions than the eye spans: clamped columns
+    (1, 2, 1, 37, 8, 20, 40, True, True),  # blocks of eye columns alone that some chunks never reach (skipped)
 ]
 
 
@@ -190,17 +191,18 @@ def test_performer_causal_matches_reference(case, small_tiles):
 @pytest.mark.parametrize("keys", [40, 1], ids=["S40", "S1"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all-keys", "padding"])
 @pytest.mark.parametrize("block_w", [None, 16], ids=["whole-rows", "column-blocks"])
-def test_performer_kv_matches_reference(keys, masked, block_w, monkeypatch):
+@pytest.mark.parametrize("E", [5, 40], ids=["E5", "E40"])
+def test_performer_kv_matches_reference(keys, masked, block_w, E, monkeypatch):
     """The keys' state over partial states of 16 keys each (S = 40: three programs, the last short), whole rows or
-    in blocks of 16 of its D + E + 1 = 18 columns."""
+    in blocks of 16 of its D + E + 1 columns (E = 40: blocks of eye columns alone, some out of a program's reach)."""
     monkeypatch.setitem(triton_performer._CFG, "kv_keys", 16)
     monkeypatch.setitem(triton_performer._CFG, "state_block_s", 16)
     monkeypatch.setitem(triton_performer._CFG, "kv_block_w", block_w)
     monkeypatch.setitem(triton_performer._CFG, "state_block_w", 16)  # the states in column blocks
-    _, k, v, proj, *_, valid = make_causal(2, 2, 2, keys, 12, 27, 5, with_valid=masked)
-    kv = performer_kv_triton(k, v, proj, 5, keys, 3, valid)
-    assert kv.shape == (2, 2, 27, 12 + 5 + 1)
-    assert_rel_err(kv, performer_kv_ref(k, v, proj, 5, keys, 3, valid), 1e-5)
+    _, k, v, proj, *_, valid = make_causal(2, 2, 2, keys, 12, 27, E, with_valid=masked)
+    kv = performer_kv_triton(k, v, proj, E, keys, 3, valid)
+    assert kv.shape == (2, 2, 27, 12 + E + 1)
+    assert_rel_err(kv, performer_kv_ref(k, v, proj, E, keys, 3, valid), 1e-5)
 
 
 def test_performer_causal_rejects_bad_shapes(small_tiles):
