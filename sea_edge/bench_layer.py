@@ -88,6 +88,45 @@ def bench_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, dty
     return row
 
 
+def bench_performer(T: int, H: int, Hkv: int, causal: bool, D: int = 64, dtype=torch.float16,
+                    dev: str = "cuda", smoke: bool = False) -> dict:
+    """One row: the estimator's Performer step alone (SEA.md steps 1-2: features, linear attention, [ctx, q/|q|],
+    in_norm; the encoder MLP's input), its Triton route (kernels/triton_performer.py) against its torch route, on
+    the default geometry (m features, E = K eye columns). Each route is timed whatever `causal_fused` says.
+    smoke: a CPU check of the program (interpreted kernels), 16 features and eye columns, one timed call."""
+    from sea_edge.kernels import performer_kv_triton, performer_query_triton
+
+    small = {"n_features": 16, "compressed_width": 16} if smoke else {}
+    cfg = SEAConfig(k=64, **small).resolve(causal=causal, head_dim=D)
+    est = SEAEstimator(cfg, D, H, max_positions=max(T, 8192)).to(dev)
+    g = torch.Generator(device=dev).manual_seed(T)
+    q = torch.randn(1, H, T, D, device=dev, dtype=dtype, generator=g)
+    kk = torch.randn(1, Hkv, T, D, device=dev, dtype=dtype, generator=g)
+    v = torch.randn(1, Hkv, T, D, device=dev, dtype=dtype, generator=g)
+    n = est.in_norm
+
+    @torch.no_grad()
+    def torch_route():
+        ctx, _ = est.performer(q, kk, v, None, None)
+        return n(torch.cat([ctx, torch.nn.functional.normalize(q.float(), dim=-1)], dim=-1))
+
+    @torch.no_grad()
+    def triton_route():
+        if causal:
+            return est._performer_causal_triton(q, kk, v, None, None)[0]
+        kv = performer_kv_triton(kk, v, est.proj, est.E, T, 0, None)
+        return performer_query_triton(q, est.proj, kv, n.weight, n.bias, n.eps)
+
+    cuda = dev == "cuda"
+    reps = {"warmup": 0, "rep": 1} if smoke else {}
+    row = {"what": "performer", "T": T, "H": H, "Hkv": Hkv, "causal": causal, "m": est.m, "E": est.E,
+           "torch_ms": _time_ms(torch_route, cuda, **reps), "triton_ms": _time_ms(triton_route, cuda, **reps),
+           "torch_peak_mib": peak_mib(torch_route, cuda), "triton_peak_mib": peak_mib(triton_route, cuda)}
+    row["max_abs_diff"] = (triton_route() - torch_route()).abs().max().item()
+    row["speedup"] = row["torch_ms"] / row["triton_ms"]
+    return row
+
+
 def profile_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, dtype=torch.float16,
                   top: int = 25) -> str:
     """Where one SEA layer's GPU time goes: torch.profiler over a few calls, ops sorted by self CUDA time."""
@@ -179,10 +218,12 @@ def main(argv=None) -> int:
                                                            "profile.txt, and time nothing else")
     ap.add_argument("--sweep", action="store_true", help="GPU: time launch settings (sweep_settings) and exit")
     ap.add_argument("--autocast", action="store_true", help="GPU: the estimator under bf16 autocast")
+    ap.add_argument("--performer", action="store_true", help="time the estimator's Performer step alone, Triton "
+                                                             "route vs torch route (bench_performer), and exit")
     args = ap.parse_args(argv)
     dev, dtype = ("cpu", torch.float32) if args.quick else ("cuda", torch.float16)
     if args.quick:
-        args.T, args.k, args.heads = [128, 256], [16], "4/2"
+        args.T, args.k, args.heads = ([64] if args.performer else [128, 256]), [16], "4/2"
     elif not torch.cuda.is_available():
         raise SystemExit("bench_layer needs a CUDA GPU (or --quick for a CPU smoke run)")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -191,6 +232,8 @@ def main(argv=None) -> int:
     if args.sweep:
         sweep_settings(args.out)
         return 0
+    if args.performer:
+        return _performer_table(heads, args.T, dev, dtype, args.out)
     if args.profile:
         if dev != "cuda":
             raise SystemExit("--profile needs a CUDA GPU")
@@ -224,6 +267,28 @@ def main(argv=None) -> int:
         print(f"{r['H']}/{r['Hkv']:<3} {'causal' if r['causal'] else 'bidir':>6} {r['k']:>5} {r['T']:>6} "
               f"{r['sea_ms']:8.2f} {r['flash_ms']:9.2f} {r['speedup']:7.2f}x {r['sea_peak_mib']:8.0f} "
               f"{r['flash_peak_mib']:9.0f}")
+    return 0
+
+
+def _performer_table(heads, Ts, dev: str, dtype, out: Path) -> int:
+    rows = []
+    print(f"{'heads':>6} {'mode':>6} {'T':>6} {'m':>4} {'E':>4} {'torch ms':>9} {'triton ms':>10} {'speedup':>8} "
+          f"{'torch MiB':>9} {'triton MiB':>10} {'max |diff|':>10}")
+    for H, Hkv in heads:
+        for causal in (False, True):
+            for T in Ts:
+                r = bench_performer(T, H, Hkv, causal, dtype=dtype, dev=dev, smoke=dev != "cuda")
+                rows.append(r)
+                print(f"{H}/{Hkv:<3} {'causal' if causal else 'bidir':>6} {T:>6} {r['m']:>4} {r['E']:>4} "
+                      f"{r['torch_ms']:9.2f} {r['triton_ms']:10.2f} {r['speedup']:7.2f}x {r['torch_peak_mib']:9.0f} "
+                      f"{r['triton_peak_mib']:10.0f} {r['max_abs_diff']:10.2e}", flush=True)
+                if dev == "cuda":
+                    torch.cuda.empty_cache()
+    meta = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or 'cpu'})",
+            "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype)}
+    print(meta)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "performer.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0
 
 

@@ -229,6 +229,23 @@ def test_layer_bench_quick_smoke(tmp_path):
     assert (tmp_path / "bench_layer.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_performer_bench_quick_smoke(tmp_path):
+    """The Performer-step benchmark (Triton route vs torch route) runs at CPU smoke shapes, interpreted, and its two
+    routes agree."""
+    import json
+    import os
+
+    pytest.importorskip("triton")
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
+    from sea_edge.bench_layer import main
+
+    assert main(["--quick", "--performer", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "performer.json").read_text())["rows"]
+    assert [(r["causal"], r["T"]) for r in rows] == [(False, 64), (True, 64)]
+    assert all(r["torch_ms"] > 0 and r["triton_ms"] > 0 and r["max_abs_diff"] < 1e-3 for r in rows)
+
+
 def test_budget_length_fixes_the_layout_not_the_result():
     """budget_length lays the mask out for a longer context (wider key lists, more -1 slots); for S within it the
     kept keys and the output are those of the budget computed from the same length."""
