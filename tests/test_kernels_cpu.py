@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from sea_edge.kernels import cpu_sparse_attention as cpu
 from sea_edge.kernels import sparse_attention
 from sea_edge.kernels.reference import sparse_attention_bwd_ref, sparse_attention_ref
+
 from sea_edge.testing import assert_rel_err
 
 # (B, Hq, Hkv, T, S, D, w)
