@@ -37,8 +37,9 @@ _CFG = {"performer_block_t": 32, "performer_block_f": 32, "performer_warps": 4, 
         "state_block_w": 64, "kv_keys": 2048,
         # None: the whole padded state row per program, as measured in the bidirectional layer (H100, 2026-12-06)
         "kv_block_w": None,
-        # the causal estimator's route (sea_edge/estimator.py): off, the torch path, until the layer measures faster
-        "causal_fused": False}
+        # the causal estimator's route (sea_edge/estimator.py): these kernels (True) or the torch path (False). On:
+        # the layer at 64k, 12/12 heads, 57.2 ms against 63.3 ms, peak 4628 against 12418 MiB (H100, 2026-12-06)
+        "causal_fused": True}
 
 
 @triton.jit

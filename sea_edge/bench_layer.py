@@ -174,9 +174,9 @@ def sweep_settings(out: Path) -> list[dict]:
                 {"scores_warps": 8}, {"scores_stages": 2}, {"scores_block_m": 128}, {"performer_block_t": 64},
                 {"performer_block_f": 64}, {"performer_warps": 8}, {"kv_block_w": 64}, {"kv_block_w": 128},
                 {"kv_keys": 1024}, {"kv_keys": 4096}]
-    # the causal Performer in Triton (off by default: `causal_fused`) under its own launch settings
-    causal_only = [{"causal_fused": True, **st} for st in (
-        {}, {"causal_warps": 8}, {"causal_chunk": 64, "causal_block_t": 64, "causal_warps": 8},
+    # the causal Performer in Triton (`causal_fused`, the default) under its own launch settings, and the torch path
+    causal_only = [{"causal_fused": False}] + [{"causal_fused": True, **st} for st in (
+        {"causal_warps": 8}, {"causal_chunk": 64, "causal_block_t": 64, "causal_warps": 8},
         {"causal_chunk": 128, "causal_block_t": 64, "causal_warps": 8}, {"causal_chunk": 256}, {"causal_block_t": 16},
         {"state_block_w": 32}, {"state_block_w": 128}, {"state_block_s": 64}, {"state_warps": 8})]
     rows = []

@@ -31,8 +31,8 @@ def _triton_inference(x: torch.Tensor) -> bool:
 
 def _causal_fused() -> bool:
     """Whether a causal estimator runs its Performer by performer_causal_triton when _triton_inference (the
-    launch setting `causal_fused` of kernels/triton_performer.py; off until it measures faster than the torch path
-    in the layer, kernels/NOTES.md)."""
+    launch setting `causal_fused` of kernels/triton_performer.py; on since it measured faster than the torch path in
+    the layer, kernels/NOTES.md)."""
     from sea_edge.kernels import triton_performer
 
     return triton_performer._CFG["causal_fused"]
