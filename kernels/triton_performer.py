@@ -14,9 +14,10 @@ L2 by every program. Products run in fp32 ("ieee") unless torch allows TF32 matm
 Causal rows see only the keys up to their own position, so the state differs per row. The keys are cut into chunks
 of CHUNK: `_performer_chunk_state_kernel` writes each chunk's (m x W) state sum phi(k)^T [v, eye, 1] (the keys'
 features and values built in registers, never stored), an in-place torch cumsum turns them into the state before
-each chunk, and `_performer_causal_query_kernel` adds to phi(q) @ (that state) the chunk's own earlier keys,
-(phi(q) phi(k)^T, lower triangle) @ [v, eye, 1], then writes the encoder input like the bidirectional kernel. The
-torch path (reference.causal_linear_attention_ref) does the same algebra in ~15 eager passes over T x m and T x W
+each chunk, and `_performer_causal_ctx_kernel` adds to phi(q) @ (that state) the chunk's own earlier keys,
+(phi(q) phi(k)^T, lower triangle) @ [v, eye, 1], in blocks of columns (so its accumulator stays (BLOCK_T x 64) at
+E = 256, and blocks of eye columns a tile cannot reach yet are skipped), and divides by the last column;
+`_performer_encoder_input_kernel` then normalises each row in place. The torch path (reference.causal_linear_attention_ref) does the same algebra in ~15 eager passes over T x m and T x W
 tensors.
 """
 
@@ -35,6 +36,8 @@ __all__ = ["performer_causal_triton", "performer_kv_triton", "performer_query_tr
 _CFG = {"performer_block_t": 32, "performer_block_f": 32, "performer_warps": 4,  # sea_edge.bench_layer --sweep
         "causal_chunk": 128, "causal_block_t": 32, "causal_warps": 4, "state_block_s": 32, "state_warps": 4,
         "state_block_w": 64, "kv_keys": 2048,
+        # the causal query side's ctx columns per program (None: all D + E in one program, padded to a power of 2)
+        "causal_block_w": 64,
         # None: the whole padded state row per program, as measured in the bidirectional layer (H100, 2026-12-06)
         "kv_block_w": None,
         # the causal estimator's route (sea_edge/estimator.py): these kernels (True) or the torch path (False). On:
@@ -65,11 +68,18 @@ def _features(xt, Proj, f0, M, z_shift, clamp,
 
 
 @triton.jit
-def _state_rows(st_base, f0, M, stride_m, W: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_W: tl.constexpr):
+def _state_rows(st_base, f0, M, stride_m, W, BLOCK_F: tl.constexpr, BLOCK_W: tl.constexpr):
     """Rows f0 .. f0 + BLOCK_F of an (m x W) fp32 state at st_base (row stride stride_m), zero past m and W."""
     f = f0 + tl.arange(0, BLOCK_F)
     w = tl.arange(0, BLOCK_W)
     return tl.load(st_base + f[:, None] * stride_m + w[None, :], mask=(f < M)[:, None] & (w < W)[None, :], other=0.0)
+
+
+@triton.jit
+def _state_col(col_base, f0, M, stride_m, BLOCK_F: tl.constexpr):
+    """Entries f0 .. f0 + BLOCK_F of one column of an (m x W) fp32 state (col_base: the column's first entry)."""
+    f = f0 + tl.arange(0, BLOCK_F)
+    return tl.load(col_base + f * stride_m, mask=f < M, other=0.0)
 
 
 @triton.jit
@@ -204,9 +214,9 @@ def _performer_chunk_state_kernel(
 
 
 @triton.jit
-def _performer_causal_query_kernel(
-    Q, Kk, V, Valid, Proj, Buf, LnW, LnB, Out,
-    T, M, L, pos0, eps, q_scale, z_shift, clamp,
+def _performer_causal_ctx_kernel(
+    Q, Kk, V, Valid, Proj, Buf, Out,
+    T, M, L, pos0, q_scale, z_shift, clamp,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_valb,
     stride_bb, stride_bh, stride_bn, stride_bm,
@@ -215,56 +225,98 @@ def _performer_causal_query_kernel(
     CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_W: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Rows t of a tile in chunk n: phi(q_t) @ (the state before chunk n, Buf[n]) plus, over the chunk's keys
-    s <= t, (phi(q_t) . phi(k_s)) [v_s, eye_s, 1]; then the encoder input as the bidirectional kernel writes it."""
+    """ctx columns w0 .. w0 + BLOCK_W (of the D + E before the normaliser) for the rows t of a tile in chunk n:
+    num_t = phi(q_t) @ (the state before chunk n, Buf[n]) plus, over the chunk's keys s <= t,
+    (phi(q_t) . phi(k_s)) [v_s, eye_s]; ctx = num / den with den the same sums over the state's last column (the
+    keys' phi). Written into Out's first D + E columns; _performer_encoder_input_kernel normalises them."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    w0 = tl.program_id(2) * BLOCK_W
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // G
     t0 = pid_t * BLOCK_T
     rows = t0 + tl.arange(0, BLOCK_T)
     rmask = rows < T
-    d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + d[None, :],
-                mask=rmask[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-    qn, xt = _unit_rows(q, q_scale)
+    w = tl.arange(0, BLOCK_W)
+    o_rows = Out + b * stride_ob + h * stride_oh + rows * stride_ot
     W: tl.constexpr = D + E + 1
-    c0 = (t0 // CHUNK) * CHUNK  # the tile's chunk starts here (BLOCK_T divides CHUNK)
-    st_base = Buf + b * stride_bb + hk * stride_bh + (t0 // CHUNK) * stride_bn
-    acc = tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32)
-    k_base = Kk + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    if CHUNK == BLOCK_T:  # the tile is the chunk: one pass over the features serves the state and the diagonal
-        s = rows
-        xk, keep = _key_rows(k_base + s * stride_ks, s, rmask, Valid + b * stride_valb, HAS_VALID, q_scale,
-                             D, BLOCK_D)
-        sc = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
-        for f0 in range(0, M, BLOCK_F):
-            phi = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
-            acc = _dot(phi, _state_rows(st_base, f0, M, stride_bm, W, BLOCK_F, BLOCK_W), acc, IEEE)
-            phi_k = _features(xk, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
-            sc = _dot(phi, tl.trans(phi_k), sc, IEEE)
-        sc = tl.where((s[None, :] <= rows[:, None]) & keep[None, :], sc, 0.0)
-        acc = _dot(sc, _values(v_base + s * stride_vs, s, rmask, pos0, L, 0, D, E, BLOCK_W), acc, IEEE)
+    # The eye columns grow with the position: the tile's rows reach none past col(its last row). A block of such
+    # columns alone is zero (at the default E = 256 in 64-wide blocks: on average 2 of the 5 blocks).
+    c_hi = tl.minimum(((pos0 + tl.minimum(t0 + BLOCK_T, T) - 1).to(tl.int64) * E) // L, E - 1)
+    if w0 > D + c_hi:
+        tl.store(o_rows[:, None] + w0 + w[None, :], tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32),
+                 mask=rmask[:, None] & (w0 + w < W - 1)[None, :])
     else:
-        for f0 in range(0, M, BLOCK_F):  # keys of earlier chunks (and before pos0): one (m x W) state
-            phi = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
-            acc = _dot(phi, _state_rows(st_base, f0, M, stride_bm, W, BLOCK_F, BLOCK_W), acc, IEEE)
-        for s0 in range(c0, t0 + BLOCK_T, BLOCK_T):  # keys of this chunk up to the tile's last row
-            s = s0 + tl.arange(0, BLOCK_T)
-            smask = s < T
-            xk, keep = _key_rows(k_base + s * stride_ks, s, smask, Valid + b * stride_valb, HAS_VALID, q_scale,
+        d = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + d[None, :],
+                    mask=rmask[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+        _, xt = _unit_rows(q, q_scale)
+        c0 = (t0 // CHUNK) * CHUNK  # the tile's chunk starts here (BLOCK_T divides CHUNK)
+        st_base = Buf + b * stride_bb + hk * stride_bh + (t0 // CHUNK) * stride_bn
+        acc = tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32)
+        den = tl.zeros([BLOCK_T], dtype=tl.float32)
+        k_base = Kk + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+        if CHUNK == BLOCK_T:  # the tile is the chunk: one pass over the features serves the state and the diagonal
+            s = rows
+            xk, keep = _key_rows(k_base + s * stride_ks, s, rmask, Valid + b * stride_valb, HAS_VALID, q_scale,
                                  D, BLOCK_D)
             sc = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
             for f0 in range(0, M, BLOCK_F):
-                phi_q = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
+                phi = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
+                acc = _dot(phi, _state_rows(st_base + w0, f0, M, stride_bm, W - 1 - w0, BLOCK_F, BLOCK_W), acc, IEEE)
+                den += tl.sum(phi * _state_col(st_base + W - 1, f0, M, stride_bm, BLOCK_F)[None, :], axis=1)
                 phi_k = _features(xk, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
-                sc = _dot(phi_q, tl.trans(phi_k), sc, IEEE)
+                sc = _dot(phi, tl.trans(phi_k), sc, IEEE)
             sc = tl.where((s[None, :] <= rows[:, None]) & keep[None, :], sc, 0.0)
-            vals = _values(v_base + s * stride_vs, s, smask, pos0, L, 0, D, E, BLOCK_W)
-            acc = _dot(sc, vals, acc, IEEE)
-    _store_encoder_input(acc, qn, LnW, LnB, Out + b * stride_ob + h * stride_oh + rows * stride_ot, rmask, eps,
+            den += tl.sum(sc, axis=1)
+            acc = _dot(sc, _values(v_base + s * stride_vs, s, rmask, pos0, L, w0, D, E, BLOCK_W), acc, IEEE)
+        else:
+            for f0 in range(0, M, BLOCK_F):  # keys of earlier chunks (and before pos0): one (m x W) state
+                phi = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
+                acc = _dot(phi, _state_rows(st_base + w0, f0, M, stride_bm, W - 1 - w0, BLOCK_F, BLOCK_W), acc, IEEE)
+                den += tl.sum(phi * _state_col(st_base + W - 1, f0, M, stride_bm, BLOCK_F)[None, :], axis=1)
+            for s0 in range(c0, t0 + BLOCK_T, BLOCK_T):  # keys of this chunk up to the tile's last row
+                s = s0 + tl.arange(0, BLOCK_T)
+                smask = s < T
+                xk, keep = _key_rows(k_base + s * stride_ks, s, smask, Valid + b * stride_valb, HAS_VALID, q_scale,
+                                     D, BLOCK_D)
+                sc = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+                for f0 in range(0, M, BLOCK_F):
+                    phi_q = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
+                    phi_k = _features(xk, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
+                    sc = _dot(phi_q, tl.trans(phi_k), sc, IEEE)
+                sc = tl.where((s[None, :] <= rows[:, None]) & keep[None, :], sc, 0.0)
+                den += tl.sum(sc, axis=1)
+                acc = _dot(sc, _values(v_base + s * stride_vs, s, smask, pos0, L, w0, D, E, BLOCK_W), acc, IEEE)
+        tl.store(o_rows[:, None] + w0 + w[None, :], acc / tl.maximum(den, 1e-30)[:, None],
+                 mask=rmask[:, None] & (w0 + w < W - 1)[None, :])
+
+
+@triton.jit
+def _performer_encoder_input_kernel(
+    Q, LnW, LnB, Out, T, eps,
+    stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """In place: Out's rows [ctx, .] -> LayerNorm([ctx, q / |q|]) (_store_encoder_input, with den = 1)."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + d[None, :],
+                mask=rmask[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+    qn, _ = _unit_rows(q, 1.0)
+    W: tl.constexpr = D + E + 1
+    w = tl.arange(0, BLOCK_W)
+    o_rows = Out + b * stride_ob + h * stride_oh + rows * stride_ot
+    ctx = tl.load(o_rows[:, None] + w[None, :], mask=rmask[:, None] & (w < W - 1)[None, :], other=0.0)
+    _store_encoder_input(tl.where((w == W - 1)[None, :], 1.0, ctx), qn, LnW, LnB, o_rows, rmask, eps,
                          D, E, BLOCK_D, BLOCK_W)
 
 
@@ -328,11 +380,18 @@ def performer_causal_triton(q, k, v, proj, state0, ln_w, ln_b, eps: float, E: in
     common = _chunk_states(k, v, proj, key_valid, E, L, pos0, chunk, buf, _CFG["state_block_w"])
     buf.cumsum_(2)  # buf[n] = state0 + chunks 0 .. n - 1: what precedes chunk n; buf[N] covers every key
     out = torch.empty(B, H, T, 2 * D + E, device=q.device, dtype=torch.float32)
-    _performer_causal_query_kernel[(triton.cdiv(T, bt), B * H)](
-        Q=q, Kk=k, V=v, Proj=proj, Buf=buf, LnW=f32(ln_w), LnB=f32(ln_b), Out=out, eps=float(eps),
+    bw = min(_CFG["causal_block_w"] or triton.next_power_of_2(W - 1), triton.next_power_of_2(W - 1))
+    _performer_causal_ctx_kernel[(triton.cdiv(T, bt), B * H, triton.cdiv(W - 1, bw))](
+        Q=q, Kk=k, V=v, Proj=proj, Buf=buf, Out=out,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_ot=out.stride(2),
-        H=H, G=H // Hkv, BLOCK_T=bt, BLOCK_W=triton.next_power_of_2(W), num_warps=_CFG["causal_warps"], **common)
+        H=H, G=H // Hkv, BLOCK_T=bt, BLOCK_W=bw, num_warps=_CFG["causal_warps"], **common)
+    _performer_encoder_input_kernel[(triton.cdiv(T, 16), B * H)](
+        Q=q, LnW=f32(ln_w), LnB=f32(ln_b), Out=out, T=T, eps=float(eps),
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_ot=out.stride(2),
+        H=H, D=D, E=int(E), BLOCK_T=16, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_W=triton.next_power_of_2(W), num_warps=4)
     return out, buf[:, :, N].clone()
 
 

@@ -117,7 +117,8 @@ def test_performer_query_gpu_real_shapes(heads, dt):
 
 
 # -- causal ---------------------------------------------------------------------------------------------------------
-def make_causal(B, H, Hkv, T, D, m, E, dtype=torch.float32, seed=0, with_state=True, with_valid=True):
+def make_causal(B, H, Hkv, T, D, m, E, dtype=torch.float32, seed=0, with_state=True, with_valid=True, pos0=5,
+                L=48):
     g = torch.Generator().manual_seed(seed)
     rnd = (lambda *s: torch.randn(*s, generator=g).to(DEV))
     q, k, v = rnd(B, H, T, D).to(dtype), rnd(B, Hkv, T, D).to(dtype), rnd(B, Hkv, T, D).to(dtype)
@@ -125,6 +126,8 @@ def make_causal(B, H, Hkv, T, D, m, E, dtype=torch.float32, seed=0, with_state=T
     W = D + E + 1
     state0 = (rnd(B, Hkv, m, W).abs() * 3 if with_state else torch.zeros(B, Hkv, m, W, device=DEV))
     state0[..., -1] += 1.0  # a state's last column sums phi > 0
+    # a state of keys before pos0 (the kernels' contract): no eye column past that of position pos0 - 1
+    state0[..., D + min(max(pos0 - 1, 0) * E // L, E - 1) + 1 : D + E] = 0.0
     ln_w, ln_b = 1 + 0.1 * rnd(2 * D + E), 0.1 * rnd(2 * D + E)
     valid = None
     if with_valid:
@@ -155,13 +158,16 @@ def test_performer_values_eye_columns():
     assert performer_values(v, pos0=30, E=4, L=16)[0, 0, :, 2:6].argmax(-1).tolist() == [3] * 6  # clamped
 
 
-@pytest.fixture(params=[(32, 16), (16, 16)], ids=["chunk32-tile16", "chunk16-tile16"])
+@pytest.fixture(params=[(32, 16, 16), (16, 16, 16), (16, 16, None)],
+                ids=["chunk32-tile16-cols16", "chunk16-tile16-cols16", "chunk16-tile16-allcols"])
 def small_tiles(request, monkeypatch):
     """Chunks of 32 keys in tiles of 16 rows (two tiles per chunk), or the tile as the chunk (the kernel's one-pass
-    branch), so tiny T crosses tiles and chunks."""
-    chunk, tile = request.param
+    branch), so tiny T crosses tiles and chunks; the query side's ctx in blocks of 16 columns (blocks of eye
+    columns that early tiles cannot reach are skipped) or all in one program."""
+    chunk, tile, cols = request.param
     monkeypatch.setitem(triton_performer._CFG, "causal_chunk", chunk)
     monkeypatch.setitem(triton_performer._CFG, "causal_block_t", tile)
+    monkeypatch.setitem(triton_performer._CFG, "causal_block_w", cols)
     monkeypatch.setitem(triton_performer._CFG, "state_block_s", 16)
     monkeypatch.setitem(triton_performer._CFG, "state_block_w", 16)  # the states in column blocks
 
@@ -172,6 +178,7 @@ CAUSAL_CASES = [  # B, H, Hkv, T, D, m, E, state0, key_valid
     (1, 3, 1, 1, 8, 33, 16, True, False),  # one row (a decode step)
     (1, 2, 1, 70, 16, 18, 4, False, False),  # three chunks, more positions than the eye spans: clamped columns
     (1, 2, 1, 37, 8, 20, 40, True, True),  # blocks of eye columns alone that some chunks never reach (skipped)
+    (1, 2, 1, 25, 8, 20, 40, True, False),  # the last tile reaches exactly the first column of a block (col 24)
 ]
 
 
