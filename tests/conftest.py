@@ -79,9 +79,26 @@ def pytest_collection_modifyitems(session, config, items):
                                  "ExportConfig, export; export(ExportConfig(out=sys.argv[1]))", str(out)],
                                 stdout=log, stderr=subprocess.STDOUT)
     config.stash[_EXPORT] = (proc, root, out)
+    # While the export holds one core, torch in this process takes one thread: two threads on the one core left
+    # spin against the export (a distillation test took 84 s with 2 threads and 50 s with 1 beside a busy core, 36 s
+    # alone with 2; 2 cores, 2026-12-07). pytest_runtest_setup gives the thread back once the export is done.
+    import torch
+
+    config.stash[_THREADS] = torch.get_num_threads()
+    torch.set_num_threads(1)
 
 
 _EXPORT = pytest.StashKey[tuple]()
+_THREADS = pytest.StashKey[int]()
+
+
+def pytest_runtest_setup(item):
+    threads = item.config.stash.get(_THREADS, None)
+    if threads is not None and item.config.stash[_EXPORT][0].poll() is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+        del item.config.stash[_THREADS]
 
 
 def _skipped(item) -> bool:

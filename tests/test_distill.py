@@ -77,9 +77,12 @@ def test_resume_after_sigkill_is_bit_exact(tiny, tmp_path):
     model, tok = tiny
     to_dense(model)
     killed = tmp_path / "killed"
+    # the child computes with as many threads as this process will (tests/conftest.py lowers them while the
+    # background export runs): another reduction order would change the weights in their last bits
     child = subprocess.Popen([sys.executable, "-c", _CHILD.format(testdir=str(Path(__file__).parent),
                                                                   out=str(killed))],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     try:
         deadline = time.time() + 300
         line = ""
