@@ -15,7 +15,7 @@ Causal rows see only the keys up to their own position, so the state differs per
 of CHUNK: `_performer_chunk_state_kernel` writes each chunk's (m x W) state sum phi(k)^T [v, eye, 1] (the keys'
 features and values built in registers, never stored), an in-place torch cumsum turns them into the state before
 each chunk, and `_performer_causal_ctx_kernel` adds to phi(q) @ (that state) the chunk's own earlier keys,
-(phi(q) phi(k)^T, lower triangle) @ [v, eye, 1], in blocks of columns (so its accumulator stays (BLOCK_T x 64) at
+(phi(q) phi(k)^T, lower triangle) @ [v, eye, 1], in blocks of columns (so its accumulator stays (BLOCK_T x 128) at
 E = 256, and blocks of eye columns a tile cannot reach yet are skipped), and divides by the last column;
 `_performer_encoder_input_kernel` then normalises each row in place. The torch path (reference.causal_linear_attention_ref) does the same algebra in ~15 eager passes over T x m and T x W
 tensors.
@@ -36,8 +36,9 @@ __all__ = ["performer_causal_triton", "performer_kv_triton", "performer_query_tr
 _CFG = {"performer_block_t": 32, "performer_block_f": 32, "performer_warps": 4,  # sea_edge.bench_layer --sweep
         "causal_chunk": 128, "causal_block_t": 32, "causal_warps": 4, "state_block_s": 32, "state_warps": 4,
         "state_block_w": 64, "kv_keys": 2048,
-        # the causal query side's ctx columns per program (None: all D + E in one program, padded to a power of 2)
-        "causal_block_w": 64,
+        # the causal query side's ctx columns per program (None: all D + E in one program, padded to a power of 2).
+        # Layer at 64k, 12/12, H100: 55.8 ms at 128, 62.0 at None, 67.1 at 64 (each block recomputes phi(q))
+        "causal_block_w": 128,
         # None: the whole padded state row per program, as measured in the bidirectional layer (H100, 2026-12-06)
         "kv_block_w": None,
         # the causal estimator's route (sea_edge/estimator.py): these kernels (True) or the torch path (False). On:
@@ -242,7 +243,8 @@ def _performer_causal_ctx_kernel(
     o_rows = Out + b * stride_ob + h * stride_oh + rows * stride_ot
     W: tl.constexpr = D + E + 1
     # The eye columns grow with the position: the tile's rows reach none past col(its last row). A block of such
-    # columns alone is zero (at the default E = 256 in 64-wide blocks: on average 2 of the 5 blocks).
+    # columns alone is zero (at the default E = 256 in 128-wide blocks: the last of 3 blocks over the first 3/4 of
+    # the L positions, the middle one over the first 1/4).
     c_hi = tl.minimum(((pos0 + tl.minimum(t0 + BLOCK_T, T) - 1).to(tl.int64) * E) // L, E - 1)
     if w0 > D + c_hi:
         tl.store(o_rows[:, None] + w0 + w[None, :], tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32),
