@@ -257,8 +257,7 @@ def main(argv=None) -> int:
                           f" | speedup {r['speedup']:5.2f}x", flush=True)
                     if dev == "cuda":
                         torch.cuda.empty_cache()
-    meta = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or 'cpu'})",
-            "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype)}
+    meta = _meta(dev, dtype)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_layer.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     _plot(rows, args.out / "bench_layer.png", meta)
@@ -269,6 +268,12 @@ def main(argv=None) -> int:
               f"{r['sea_ms']:8.2f} {r['flash_ms']:9.2f} {r['speedup']:7.2f}x {r['sea_peak_mib']:8.0f} "
               f"{r['flash_peak_mib']:9.0f}")
     return 0
+
+
+def _meta(dev: str, dtype) -> dict:
+    """The machine and versions a table was measured with."""
+    return {"gpu": torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or 'cpu'})",
+            "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype)}
 
 
 def _performer_table(heads, Ts, dev: str, dtype, out: Path) -> int:
@@ -285,8 +290,7 @@ def _performer_table(heads, Ts, dev: str, dtype, out: Path) -> int:
                       f"{r['triton_peak_mib']:10.0f} {r['max_abs_diff']:10.2e}", flush=True)
                 if dev == "cuda":
                     torch.cuda.empty_cache()
-    meta = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or 'cpu'})",
-            "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype)}
+    meta = _meta(dev, dtype)
     print(meta)
     out.mkdir(parents=True, exist_ok=True)
     (out / "performer.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
