@@ -17,8 +17,8 @@ features and values built in registers, never stored), an in-place torch cumsum 
 each chunk, and `_performer_causal_ctx_kernel` adds to phi(q) @ (that state) the chunk's own earlier keys,
 (phi(q) phi(k)^T, lower triangle) @ [v, eye, 1], in blocks of columns (so its accumulator stays (BLOCK_T x 128) at
 E = 256, and blocks of eye columns a tile cannot reach yet are skipped), and divides by the last column;
-`_performer_encoder_input_kernel` then normalises each row in place. The torch path (reference.causal_linear_attention_ref) does the same algebra in ~15 eager passes over T x m and T x W
-tensors.
+`_performer_encoder_input_kernel` then normalises each row in place. The torch path
+(reference.causal_linear_attention_ref) does the same algebra in ~15 eager passes over T x m and T x W tensors.
 """
 
 from __future__ import annotations
@@ -197,7 +197,8 @@ def _performer_chunk_state_kernel(
     acc = tl.zeros([BLOCK_F, BLOCK_W], dtype=tl.float32)
     # Each key has one eye column, and the columns grow with the position: the chunk's keys reach only the eye
     # columns [col(first key), col(last key)]. A block of eye columns alone outside them stays zero, so its program
-    # skips the keys (at the default E = 256, W = 321 in 64-wide blocks: 2 or 3 of the 6 blocks do work).
+    # skips the keys (at the default E = 256, W = 321 in 64-wide blocks, 3 or 4 of the 6 blocks do work: v, the
+    # block of the last column, and the one or two eye blocks the chunk reaches).
     s_lo = n * CHUNK
     c_lo = tl.minimum(((pos0 + s_lo).to(tl.int64) * E) // L, E - 1)
     c_hi = tl.minimum(((pos0 + tl.minimum(s_lo + CHUNK, T) - 1).to(tl.int64) * E) // L, E - 1)
