@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from .reference import check_attention_shapes
+from .reference import check_attention_shapes, sparse_attention_bwd_ref, sparse_attention_ref
 
-__all__ = ["DENSE_MAX_RATIO", "dense_pays", "sparse_attention_dense", "sparse_attention_dense_bwd"]
+__all__ = ["DENSE_MAX_RATIO", "dense_pays", "sparse_attention_cpu", "sparse_attention_cpu_bwd",
+           "sparse_attention_dense", "sparse_attention_dense_bwd"]
 
 # S / w up to which the dense form is the faster one on a CPU. Measured on 2 cores (2026-12-06, 9/3 heads, D = 64,
 # T = S): 4.7x faster at S / w = 4 (29 vs 137 ms at S = 512), even at 16 (623 vs 648 ms at S = 2048), 2x and 3x
@@ -31,6 +32,19 @@ _CHUNK_FLOATS = 1 << 24
 def dense_pays(S: int, w: int) -> bool:
     """Whether the dense form beats the reference's gathers for rows of w slots over S keys."""
     return S <= DENSE_MAX_RATIO * max(w, 1)
+
+
+def sparse_attention_cpu(q, k, v, idx, scale: float) -> torch.Tensor:
+    """The op's CPU forward: the dense form where it pays (dense_pays), else the reference."""
+    if dense_pays(k.shape[2], idx.shape[-1]):
+        return sparse_attention_dense(q, k, v, idx, scale)
+    return sparse_attention_ref(q, k, v, idx, scale)
+
+
+def sparse_attention_cpu_bwd(grad, q, k, v, idx, scale: float):
+    """The op's CPU backward, (dq, dk, dv) contiguous: the dense form where it pays, else the reference."""
+    bwd = sparse_attention_dense_bwd if dense_pays(k.shape[2], idx.shape[-1]) else sparse_attention_bwd_ref
+    return tuple(g.contiguous() for g in bwd(grad, q, k, v, idx, scale))
 
 
 def _rows_per_chunk(B: int, Hq: int, S: int) -> int:

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_sparse_attention import dense_pays, sparse_attention_dense, sparse_attention_dense_bwd
+from .cpu_sparse_attention import sparse_attention_cpu, sparse_attention_cpu_bwd
 from .reference import (
     check_attention_shapes,
     column_scores_bwd_ref,
     column_scores_ref,
     expand_columns_ref,
     select_columns_ref,
-    sparse_attention_bwd_ref,
     sparse_attention_cols_ref,
-    sparse_attention_ref,
     sparse_index_ref,
 )
 
@@ -31,9 +29,7 @@ __all__ = ["column_scores", "select_columns_op", "sparse_attention", "sparse_att
 
 @torch.library.custom_op("sea_edge::sparse_attention", mutates_args=())
 def _sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
-    if dense_pays(k.shape[2], idx.shape[-1]):  # short rows over few keys: GEMMs over all keys (cpu_sparse_attention.py)
-        return sparse_attention_dense(q, k, v, idx, scale)
-    return sparse_attention_ref(q, k, v, idx, scale)
+    return sparse_attention_cpu(q, k, v, idx, scale)
 
 
 @_sparse_attention_op.register_kernel("cuda")
@@ -52,9 +48,7 @@ def _(q, k, v, idx, scale):
 def _sparse_attention_bwd_op(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    bwd = sparse_attention_dense_bwd if dense_pays(k.shape[2], idx.shape[-1]) else sparse_attention_bwd_ref
-    dq, dk, dv = bwd(grad, q, k, v, idx, scale)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return sparse_attention_cpu_bwd(grad, q, k, v, idx, scale)
 
 
 @_sparse_attention_bwd_op.register_kernel("cuda")
@@ -169,9 +163,7 @@ def _sparse_attention_cols_bwd_op(grad: torch.Tensor, q: torch.Tensor, k: torch.
                                   cols: torch.Tensor, key_valid: torch.Tensor | None, K: int, causal: bool,
                                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     idx = expand_columns_ref(cols, K, k.shape[2], causal, key_valid)
-    bwd = sparse_attention_dense_bwd if dense_pays(k.shape[2], idx.shape[-1]) else sparse_attention_bwd_ref
-    dq, dk, dv = bwd(grad, q, k, v, idx, scale)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return sparse_attention_cpu_bwd(grad, q, k, v, idx, scale)
 
 
 @_sparse_attention_cols_bwd_op.register_kernel("cuda")

@@ -383,7 +383,7 @@ def performer_causal_triton(q, k, v, proj, state0, ln_w, ln_b, eps: float, E: in
     common = _chunk_states(k, v, proj, key_valid, E, L, pos0, chunk, buf, _CFG["state_block_w"])
     buf.cumsum_(2)  # buf[n] = state0 + chunks 0 .. n - 1: what precedes chunk n; buf[N] covers every key
     out = torch.empty(B, H, T, 2 * D + E, device=q.device, dtype=torch.float32)
-    bw = min(_CFG["causal_block_w"] or triton.next_power_of_2(W - 1), triton.next_power_of_2(W - 1))
+    bw = _block_width(_CFG["causal_block_w"], W - 1)
     _performer_causal_ctx_kernel[(triton.cdiv(T, bt), B * H, triton.cdiv(W - 1, bw))](
         Q=q, Kk=k, V=v, Proj=proj, Buf=buf, Out=out,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
@@ -396,6 +396,11 @@ def performer_causal_triton(q, k, v, proj, state0, ln_w, ln_b, eps: float, E: in
         H=H, D=D, E=int(E), BLOCK_T=16, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_W=triton.next_power_of_2(W), num_warps=4)
     return out, buf[:, :, N].clone()
+
+
+def _block_width(setting: int | None, n: int) -> int:
+    """Columns per program for n columns: the launch setting, None meaning all n (padded to a power of 2)."""
+    return min(setting or triton.next_power_of_2(n), triton.next_power_of_2(n))
 
 
 def _chunk_states(k, v, proj, key_valid, E: int, L: int, pos0: int, chunk: int, buf, block_w: int | None) -> dict:
@@ -417,7 +422,7 @@ def _chunk_states(k, v, proj, key_valid, E: int, L: int, pos0: int, chunk: int, 
         IEEE=not (k.is_cuda and torch.backends.cuda.matmul.allow_tf32),  # as torch's own fp32 matmuls would
         Valid=valid if valid is not None else k,  # any pointer when there is no mask; never read
     )
-    bw = min(block_w or triton.next_power_of_2(W), triton.next_power_of_2(W))
+    bw = _block_width(block_w, W)
     _performer_chunk_state_kernel[(buf.shape[2] - 1, B * Hkv, triton.cdiv(M, bf) * triton.cdiv(W, bw))](
         Kk=k, V=v, Proj=proj, Buf=buf, HKV=Hkv, BLOCK_S=_CFG["state_block_s"], BLOCK_W=bw,
         num_warps=_CFG["state_warps"], **common)
