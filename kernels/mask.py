@@ -26,6 +26,9 @@ __all__ = ["expand_columns", "select_columns", "sparse_index"]
 
 # Launch settings the layer bench's --sweep varies (None: the default below); not a public interface.
 _CFG = {"select_warps": None}
+# Per-head caps up to this take step (1) by distinct levels (<= c max + count pairs) rather than by bisection (32
+# counts); the layer bench's caps at k = 64 are 1 to 8 (sea_edge.config.budget).
+_ITER_MAX_C = 16
 
 
 @triton.jit
@@ -41,7 +44,7 @@ def _order_key(x):
 @triton.jit
 def _select_columns_fwd_kernel(
     probs_ptr, cols_ptr, T, S, K, H, n_cols, n_keys, c,
-    CAUSAL: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
+    CAUSAL: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, ITER: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b * T + t
     b = pid // T
@@ -65,12 +68,32 @@ def _select_columns_fwd_kernel(
     zero = tl.zeros([BH, BK], tl.uint32)
     key = tl.where(inside, key, zero)  # 0: padding, below every real key
 
-    # (1) per head: threshold = the c-th largest key (bisection on the 32 key bits)
-    th = tl.zeros([BH], tl.uint32)
-    for bit in tl.static_range(31, -1, -1):
-        cand = th | tl.full([], 1 << bit, tl.uint32)
-        cnt = tl.sum((key >= cand[:, None]).to(tl.int32), 1)
-        th = tl.where(cnt >= c, cand, th)
+    if ITER:
+        # (1) per head: the c-th largest key by walking the distinct values from the top, one max and one count per
+        # level (c <= BC levels at most) instead of 32 bisection steps over the whole (BH, BK) tile. Level i's key and
+        # how many of the c candidates sit there go into (BH, BC) tables that step (2) then counts instead of the tile.
+        lv = tl.zeros([BH, BC], tl.uint32)
+        lm = tl.zeros([BH, BC], tl.int32)
+        li = tl.arange(0, BC)[None, :]
+        cur = tl.max(key, 1)  # (BH,) the largest key
+        th = cur
+        got = tl.zeros([BH], tl.int32)  # candidates placed so far
+        for i in tl.static_range(BC):
+            take = tl.minimum(tl.sum((key == cur[:, None]).to(tl.int32), 1), c - got)
+            active = got < c
+            lv = tl.where((li == i) & active[:, None], cur[:, None], lv)
+            lm = tl.where((li == i) & active[:, None], take[:, None], lm)
+            th = tl.where(active, cur, th)
+            got += tl.where(active, take, 0)
+            if i + 1 < BC:
+                cur = tl.max(tl.where(key < cur[:, None], key, zero), 1)  # the next distinct key (0: none left)
+    else:
+        # (1) per head: threshold = the c-th largest key (bisection on the 32 key bits)
+        th = tl.zeros([BH], tl.uint32)
+        for bit in tl.static_range(31, -1, -1):
+            cand = th | tl.full([], 1 << bit, tl.uint32)
+            cnt = tl.sum((key >= cand[:, None]).to(tl.int32), 1)
+            th = tl.where(cnt >= c, cand, th)
     gt = key > th[:, None]
     eq = key == th[:, None]
     eq_rank = tl.cumsum(eq.to(tl.int32), 1)  # ties: lower column first
@@ -82,7 +105,10 @@ def _select_columns_fwd_kernel(
     g = tl.zeros([], tl.uint32)
     for bit in tl.static_range(31, -1, -1):
         cand = g | tl.full([], 1 << bit, tl.uint32)
-        cnt = tl.sum(tl.sum((gkey >= cand).to(tl.int32), 1), 0)
+        if ITER:  # the level tables hold the candidates' keys with multiplicity (cand > 0: padding never counts)
+            cnt = tl.sum(tl.sum(tl.where(lv >= cand, lm, 0), 1), 0)
+        else:
+            cnt = tl.sum(tl.sum((gkey >= cand).to(tl.int32), 1), 0)
         g = tl.where(cnt >= n_row, cand, g)
     ggt = gkey > g
     geq = gkey == g
@@ -127,7 +153,7 @@ def select_columns(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, caus
         return cols
     _select_columns_fwd_kernel[(B * T,)](
         probs_ptr=probs.contiguous(), cols_ptr=cols, T=T, S=S, K=K, H=H, n_cols=n_cols, n_keys=n_keys or 0, c=c,
-        CAUSAL=bool(causal), BH=BH, BK=BK, BC=triton.next_power_of_2(c), num_warps=_CFG["select_warps"] or (8 if BH * BK >= 4096 else 4),
+        CAUSAL=bool(causal), BH=BH, BK=BK, BC=triton.next_power_of_2(c), ITER=c <= _ITER_MAX_C, num_warps=_CFG["select_warps"] or (8 if BH * BK >= 4096 else 4),
     )
     return cols
 

@@ -178,8 +178,8 @@ def sweep_settings(out: Path) -> list[dict]:
     causal_only = [{"causal_fused": False}] + [{"causal_fused": True, **st} for st in (
         {"causal_warps": 8}, {"causal_chunk": 64, "causal_block_t": 64, "causal_warps": 8},
         {"causal_chunk": 128, "causal_block_t": 64, "causal_warps": 8}, {"causal_chunk": 256}, {"causal_block_t": 16},
-        {"state_block_w": 32}, {"state_block_w": 128}, {"state_block_s": 64}, {"state_warps": 8},
-        {"causal_block_w": 64}, {"causal_block_w": None})]
+        {"causal_chunk": 64, "causal_block_t": 32}, {"causal_chunk": 32, "causal_block_t": 32},
+        {"state_block_w": 32}, {"state_block_w": 128}, {"state_block_s": 64}, {"state_warps": 8})]
     rows = []
     for causal in (False, True):
         for st in settings + (causal_only if causal else []):

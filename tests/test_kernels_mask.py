@@ -31,6 +31,11 @@ CASES = [
     (1, 2, 7, 32, 7, True, 64, 64, False),  # budget larger than every selectable column
     (1, 3, 9, 16, 40, False, 48, 2, True),  # budget larger than the heads' caps: each head keeps exactly its cap
     (2, 4, 11, 16, 30, True, 64, 3, False),
+    (1, 12, 9, 64, 200, True, 3, 1, True),  # cap 1 (the layer's at long T): step (1) is one max per head
+    (1, 12, 9, 64, 200, False, 3, 1, False),
+    (2, 4, 11, 16, 30, True, 6, 2, False),  # cap 2 without ties: the second level is the threshold
+    (1, 5, 9, 32, 90, False, 20, 16, True),  # the largest cap walked by levels (kernels/mask.py _ITER_MAX_C)
+    (1, 5, 9, 32, 90, True, 20, 17, False),  # the smallest cap bisected
 ]
 
 
@@ -59,6 +64,16 @@ def test_select_expand_identical(case):
     assert torch.equal(expand_columns(want, K, S, causal, key_valid, span=wide),
                        expand_columns_ref(want, K, S, causal, key_valid, span=wide))
     assert torch.equal(sparse_index(probs, n, cap, S, causal), sparse_index_ref(probs, n, cap, S, causal))
+
+
+def test_select_ties_beyond_the_cap_in_heads_of_different_maxima():
+    """Each head holds more ties at its top value than its cap, and the heads' tops differ: the budget must count
+    only cap columns per head (not every tie), or a head with a higher top takes the whole budget."""
+    g = torch.Generator(DEV).manual_seed(5)
+    H, K = 4, 8
+    probs = torch.stack([(torch.randint(0, 2, (2, 5, K), generator=g, device=DEV) + 2 * h) / 10 for h in range(H)], 1)
+    for n in range(1, 2 * H + 1):
+        assert torch.equal(select_columns(probs, n, 2, 40, False), select_columns_ref(probs, n, 2, 40, False)), n
 
 
 def test_expand_unsorted_and_holes_in_the_middle():

@@ -125,9 +125,10 @@ def make_causal(B, H, Hkv, T, D, m, E, dtype=torch.float32, seed=0, with_state=T
     proj = rnd(m, D)
     W = D + E + 1
     state0 = (rnd(B, Hkv, m, W).abs() * 3 if with_state else torch.zeros(B, Hkv, m, W, device=DEV))
-    state0[..., -1] += 1.0  # a state's last column sums phi > 0
-    # a state of keys before pos0 (the kernels' contract): no eye column past that of position pos0 - 1
+    # a state of keys before pos0 (the kernels' contract): no eye column past that of position pos0 - 1, and the
+    # last column (sum phi) is the sum of the eye columns, since each key has exactly one
     state0[..., D + min(max(pos0 - 1, 0) * E // L, E - 1) + 1 : D + E] = 0.0
+    state0[..., -1] = state0[..., D : D + E].sum(-1)
     ln_w, ln_b = 1 + 0.1 * rnd(2 * D + E), 0.1 * rnd(2 * D + E)
     valid = None
     if with_valid:
@@ -158,16 +159,15 @@ def test_performer_values_eye_columns():
     assert performer_values(v, pos0=30, E=4, L=16)[0, 0, :, 2:6].argmax(-1).tolist() == [3] * 6  # clamped
 
 
-@pytest.fixture(params=[(32, 16, 16), (16, 16, 16), (16, 16, None)],
-                ids=["chunk32-tile16-cols16", "chunk16-tile16-cols16", "chunk16-tile16-allcols"])
+@pytest.fixture(params=[(32, 16, 16), (16, 16, 2048)], ids=["chunk32-tile16-keys16", "chunk16-tile16"])
 def small_tiles(request, monkeypatch):
     """Chunks of 32 keys in tiles of 16 rows (two tiles per chunk), or the tile as the chunk (the kernel's one-pass
-    branch), so tiny T crosses tiles and chunks; the query side's ctx in blocks of 16 columns (blocks of eye
-    columns that early tiles cannot reach are skipped) or all in one program."""
-    chunk, tile, cols = request.param
+    branch), so tiny T crosses tiles and chunks; the eye totals over programs of 16 keys (blocks of eye columns
+    that some programs cannot reach are skipped) or of all keys."""
+    chunk, tile, keys = request.param
     monkeypatch.setitem(triton_performer._CFG, "causal_chunk", chunk)
     monkeypatch.setitem(triton_performer._CFG, "causal_block_t", tile)
-    monkeypatch.setitem(triton_performer._CFG, "causal_block_w", cols)
+    monkeypatch.setitem(triton_performer._CFG, "kv_keys", keys)
     monkeypatch.setitem(triton_performer._CFG, "state_block_s", 16)
     monkeypatch.setitem(triton_performer._CFG, "state_block_w", 16)  # the states in column blocks
 
