@@ -68,6 +68,20 @@ def _select_columns_fwd_kernel(
     zero = tl.zeros([BH, BK], tl.uint32)
     key = tl.where(inside, key, zero)  # 0: padding, below every real key
 
+    if BC == 1:
+        # a cap of one column per head (the layer's at long T): each head's candidate is its largest key, lower
+        # column first, and the budget keeps the n_row best heads by (key descending, head ascending): a rank over
+        # (BH x BH) pairs, with no scan of the (BH, BK) tile
+        hv = tl.max(key, 1)  # (BH,)
+        ha = tl.min(tl.where(key == hv[:, None], jj[None, :], BK), 1)  # (BH,) its lowest column
+        hi = tl.arange(0, BH)
+        ahead = (hv[None, :] > hv[:, None]) | ((hv[None, :] == hv[:, None]) & (hi[None, :] < hi[:, None]))
+        rank = tl.sum(ahead.to(tl.int32), 1)  # heads that come first
+        neg = _order_key(tl.full([BH], float("-inf"), tl.float32))
+        one = (rank < n_row) & (hv > neg) & (hh < H)
+        out_row = ((b * H + hh).to(tl.int64) * T + t) * c  # (BH,)
+        tl.store(cols_ptr + out_row, tl.where(one, ha, -1), mask=hh < H)
+        return
     if ITER:
         # (1) per head: the c-th largest key by walking the distinct values from the top, one max and one count per
         # level (c <= BC levels at most) instead of 32 bisection steps over the whole (BH, BK) tile. Level i's key and

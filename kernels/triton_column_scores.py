@@ -33,53 +33,28 @@ _CFG = {"scores_block_m": 64, "scores_stages": 3, "scores_warps": 4}
 
 
 @triton.jit
-def _column_scores_fwd_kernel(
-    Q, Kk, P, C, Valid, Out,
-    T, S, scale,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_ks,
-    stride_pb, stride_ph, stride_ps,
-    stride_cb, stride_vb,
-    stride_ob, stride_oh, stride_ot,
-    K: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    HAS_VALID: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // G  # grouped-query heads: query head h reads key head h // G
-    idx_t = tl.int64 if WIDE else tl.int32  # j * L stays below 2^31 unless K * S is huge (the wrapper decides)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < T
-    L = (S - T + 1 + rows).to(idx_t)  # (BLOCK_M,) a causal row's K columns split its own keys [0, pos]
-    L0 = (S - T + 1 + pid_m * BLOCK_M).to(idx_t)  # the tile's first row
+def _scores_steps(j_lo, j_hi, u_prev, b_prev, c_prev, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask, S,
+                  scale, stride_ps, stride_ks, stride_cb, stride_vb,
+                  K: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
+                  WIN: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr):
+    """Boundaries j_lo .. j_hi - 1, each moving by fewer than WIN keys over the tile's rows (the launcher's j ranges).
+    Returns the carried (u, b, count) of the last boundary."""
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D), the inputs' dtype
-    qf = q.to(tl.float32)
-    win = tl.arange(0, BLOCK_M)  # a boundary moves by < BLOCK_M keys over the tile's rows (j <= K)
-    p_base = P + b * stride_pb + hk * stride_ph
-    k_base = Kk + b * stride_kb + hk * stride_kh
-    o_base = Out + b * stride_ob + h * stride_oh + rows * stride_ot  # (BLOCK_M,)
-    u_prev = tl.zeros([BLOCK_M], dtype=tl.float32)  # q . P[b_0], b_0 = 0
-    b_prev = tl.zeros([BLOCK_M], dtype=idx_t)
-    c_prev = tl.zeros([BLOCK_M], dtype=tl.int64)
+    win = tl.arange(0, WIN)
     # one boundary per step; the pipeliner prefetches the next steps' key windows (STAGES)
-    for j in tl.range(1, K + 1, num_stages=STAGES):  # boundary j ends column j - 1
+    for j in tl.range(j_lo, j_hi, num_stages=STAGES):  # boundary j ends column j - 1
         lo = (j * L0) // K  # K constexpr: a multiply and shift
         bj = (j * L) // K  # (BLOCK_M,)
         p = tl.load(p_base + lo * stride_ps + d, mask=dmask, other=0.0)  # (BLOCK_D,) fp32
-        s = lo + win  # (BLOCK_M,) the keys after lo_j
+        s = lo + win  # (WIN,) the keys after lo_j
         smask = s < S
         kw = tl.load(k_base + s[:, None] * stride_ks + d[None, :], mask=smask[:, None] & dmask[None, :],
-                     other=0.0)  # (BLOCK_M, BLOCK_D)
+                     other=0.0)  # (WIN, BLOCK_D)
         if IEEE:
             qk = tl.dot(q, tl.trans(kw), input_precision="ieee")  # fp32 inputs: no TF32 rounding
         else:
-            qk = tl.dot(q, tl.trans(kw))  # (BLOCK_M rows, BLOCK_M keys) fp32
+            qk = tl.dot(q, tl.trans(kw))  # (BLOCK_M rows, WIN keys) fp32
         keep = s[None, :] < bj[:, None]
         if HAS_VALID:
             keep &= (tl.load(Valid + b * stride_vb + s, mask=smask, other=0) != 0)[None, :]
@@ -95,6 +70,58 @@ def _column_scores_fwd_kernel(
         tl.store(o_base + (j - 1), score, mask=rmask)
         u_prev = u
         b_prev = bj
+    return u_prev, b_prev, c_prev
+
+
+@triton.jit
+def _column_scores_fwd_kernel(
+    Q, Kk, P, C, Valid, Out,
+    T, S, scale, J1, J2,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_ks,
+    stride_pb, stride_ph, stride_ps,
+    stride_cb, stride_vb,
+    stride_ob, stride_oh, stride_ot,
+    K: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    HAS_VALID: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, WIN1: tl.constexpr, WIN2: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // G  # grouped-query heads: query head h reads key head h // G
+    idx_t = tl.int64 if WIDE else tl.int32  # j * L stays below 2^31 unless K * S is huge (the wrapper decides)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < T
+    L = (S - T + 1 + rows).to(idx_t)  # (BLOCK_M,) a causal row's K columns split its own keys [0, pos]
+    L0 = (S - T + 1 + pid_m * BLOCK_M).to(idx_t)  # the tile's first row
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + d[None, :],
+                mask=rmask[:, None] & (d < D)[None, :], other=0.0)  # (BLOCK_M, BLOCK_D), the inputs' dtype
+    qf = q.to(tl.float32)
+    p_base = P + b * stride_pb + hk * stride_ph
+    k_base = Kk + b * stride_kb + hk * stride_kh
+    o_base = Out + b * stride_ob + h * stride_oh + rows * stride_ot  # (BLOCK_M,)
+    u = tl.zeros([BLOCK_M], dtype=tl.float32)  # q . P[b_0], b_0 = 0
+    bp = tl.zeros([BLOCK_M], dtype=idx_t)
+    cp = tl.zeros([BLOCK_M], dtype=tl.int64)
+    # Boundary j moves by at most floor(j (BLOCK_M - 1) / K) + 1 keys over the tile: the first boundaries need
+    # narrower key windows (WIN1 up to J1, WIN2 up to J2, BLOCK_M after), so fewer products run on tensor cores
+    u, bp, cp = _scores_steps(1, J1 + 1, u, bp, cp, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask, S,
+                              scale, stride_ps, stride_ks, stride_cb, stride_vb,
+                              K, HAS_VALID, IEEE, WIDE, WIN1, BLOCK_D, D, STAGES)
+    u, bp, cp = _scores_steps(J1 + 1, J2 + 1, u, bp, cp, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask,
+                              S, scale, stride_ps, stride_ks, stride_cb, stride_vb,
+                              K, HAS_VALID, IEEE, WIDE, WIN2, BLOCK_D, D, STAGES)
+    _scores_steps(J2 + 1, K + 1, u, bp, cp, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask, S,
+                  scale, stride_ps, stride_ks, stride_cb, stride_vb,
+                  K, HAS_VALID, IEEE, WIDE, BLOCK_M, BLOCK_D, D, STAGES)
+
+
+def _last_boundary(win: int, bm: int, K: int) -> int:
+    """The last boundary j whose move over a tile of bm rows, at most floor(j (bm - 1) / K) + 1 keys, fits win."""
+    return K if bm == 1 else min(K, (win * K - 1) // (bm - 1))
 
 
 def _column_scores_fwd(q, k, P, C, key_valid, K: int, scale: float):
@@ -104,11 +131,12 @@ def _column_scores_fwd(q, k, P, C, key_valid, K: int, scale: float):
     out = torch.empty(B, H, T, K, device=q.device, dtype=torch.float32)
     q, k = q.contiguous(), k.to(q.dtype).contiguous()
     bm = _CFG["scores_block_m"]
+    win1, win2 = max(16, bm // 4), max(16, bm // 2)  # tl.dot needs 16 keys at least
     valid = key_valid.contiguous().view(torch.uint8) if key_valid is not None else None
     grid = (triton.cdiv(T, bm), B * H)
     _column_scores_fwd_kernel[grid](
         Q=q, Kk=k, P=P, C=C if C is not None else P, Valid=valid if valid is not None else P, Out=out,
-        T=T, S=S, scale=float(scale),
+        T=T, S=S, scale=float(scale), J1=_last_boundary(win1, bm, K), J2=_last_boundary(win2, bm, K),
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_ks=k.stride(2),
         stride_pb=P.stride(0), stride_ph=P.stride(1), stride_ps=P.stride(2),
@@ -116,7 +144,7 @@ def _column_scores_fwd(q, k, P, C, key_valid, K: int, scale: float):
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_ot=out.stride(2),
         K=K, H=H, G=H // P.shape[1], D=D, HAS_VALID=C is not None, IEEE=q.dtype == torch.float32,
         WIDE=K * (S + bm) >= 2**31, BLOCK_M=bm, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        STAGES=_CFG["scores_stages"], num_warps=_CFG["scores_warps"],
+        STAGES=_CFG["scores_stages"], WIN1=win1, WIN2=win2, num_warps=_CFG["scores_warps"],
     )
     return out
 

@@ -176,9 +176,9 @@ def sweep_settings(out: Path) -> list[dict]:
                 {"kv_keys": 1024}, {"kv_keys": 4096}]
     # the causal Performer in Triton (`causal_fused`, the default) under its own launch settings, and the torch path
     causal_only = [{"causal_fused": False}] + [{"causal_fused": True, **st} for st in (
-        {"causal_warps": 8}, {"causal_chunk": 64, "causal_block_t": 64, "causal_warps": 8},
-        {"causal_chunk": 128, "causal_block_t": 64, "causal_warps": 8}, {"causal_chunk": 256}, {"causal_block_t": 16},
-        {"causal_chunk": 64, "causal_block_t": 32}, {"causal_chunk": 32, "causal_block_t": 32},
+        {"causal_warps": 4}, {"causal_chunk": 128, "causal_block_t": 32, "causal_warps": 4},
+        {"causal_chunk": 128, "causal_block_t": 64}, {"causal_chunk": 128, "causal_block_t": 32},
+        {"causal_chunk": 32, "causal_block_t": 32}, {"performer_block_f": 16},
         {"state_block_w": 32}, {"state_block_w": 128}, {"state_block_s": 64}, {"state_warps": 8})]
     rows = []
     for causal in (False, True):

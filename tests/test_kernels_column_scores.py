@@ -89,14 +89,16 @@ def test_triton_matches_reference(case):
     assert_rel_err(out, column_scores_ref(q, k, K, causal, 0.3, key_valid), 1e-5)
 
 
+@pytest.mark.parametrize("block_m", [16, 64], ids=["tile16", "tile64"])
 @pytest.mark.parametrize("pad", [False, True], ids=["", "pad"])
 @pytest.mark.parametrize("K", [3, 8, 32])
-def test_triton_causal_tiles(monkeypatch, K, pad):
-    """Several row tiles of 16 (the kernel's window over each boundary's moves inside a tile), K not a power of
-    two and K above the tile, GQA, odd D, the last 70 of 90 positions."""
+def test_triton_causal_tiles(monkeypatch, K, pad, block_m):
+    """Several row tiles of 16 (the kernel's window over each boundary's moves inside a tile), or tiles of 64 whose
+    first boundaries take windows of 16 and 32 keys; K not a power of two and K above the tile, GQA, odd D, the
+    last 70 of 90 positions."""
     from sea_edge.kernels import triton_column_scores
 
-    monkeypatch.setitem(triton_column_scores._CFG, "scores_block_m", 16)
+    monkeypatch.setitem(triton_column_scores._CFG, "scores_block_m", block_m)
     g = torch.Generator(DEV).manual_seed(K)
     q, k, key_valid = make_inputs(2, 4, 2, 70, 90, 20, torch.float32, g, pad)
     out = column_scores_triton(q, k, K, True, 0.3, key_valid)

@@ -76,6 +76,16 @@ def test_select_ties_beyond_the_cap_in_heads_of_different_maxima():
         assert torch.equal(select_columns(probs, n, 2, 40, False), select_columns_ref(probs, n, 2, 40, False)), n
 
 
+@pytest.mark.parametrize("cap", [1, 3])
+def test_select_never_keeps_minus_inf(cap):
+    """A head whose estimate is -inf everywhere (masked out) keeps no column, even where the budget has room."""
+    g = torch.Generator(DEV).manual_seed(cap)
+    probs = torch.rand(1, 3, 6, 8, generator=g, device=DEV)
+    probs[:, 1] = float("-inf")
+    want = select_columns_ref(probs, 9, cap, 40, False)
+    assert (want[:, 1] == -1).all() and torch.equal(select_columns(probs, 9, cap, 40, False), want)
+
+
 def test_expand_unsorted_and_holes_in_the_middle():
     """expand keeps slot order like the reference, also for cols that are not ascending or have -1 inside."""
     cols = torch.tensor([[[[5, -1, 2, 9], [-1, -1, -1, -1], [0, 1, 2, 3]]]], dtype=torch.int32, device=DEV)
@@ -102,12 +112,13 @@ def test_mask_rejects_bad_inputs():
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.gpu
+@pytest.mark.parametrize("cap", [8, 1], ids=["cap8", "cap1"])
 @pytest.mark.parametrize("H,T,causal", [(12, 4096, True), (9, 4093, False), (12, 16384, True)],
                          ids=["H12-T4096-causal", "H9-T4093-bidir", "H12-T16384-causal"])
-def test_sparse_index_gpu(H, T, causal):
+def test_sparse_index_gpu(H, T, causal, cap):
     g = torch.Generator(DEV).manual_seed(T + H)
     probs = make_probs(1, H, T, 256, False, g)
-    n, cap = H * 4, 8
+    n = H * 4 if cap > 1 else 3  # cap 1: the layer's budget at long T (3 columns over the heads)
     cols = select_columns(probs, n, cap, T, causal)
     want = select_columns_ref(probs, n, cap, T, causal)
     assert torch.equal(cols, want)
