@@ -2,11 +2,18 @@
 interpolation into per-row key indices. Outputs are identical (same keys, same order) to select_columns_ref and
 expand_columns_ref in reference.py, whose layout and tie rules they follow.
 
-select_columns: one program per query token (b, t), holding all H*K probabilities of that token. Instead of the
-reference's two sorts it finds thresholds by bisection on the bits of an order-preserving int key of each fp32
-value (32 steps, each a compare-and-count), first per head (the head_cap-th largest), then over the surviving
-candidates (the n_cols-th largest). Ties at a threshold are broken exactly like the stable sorts of the reference:
-lower column first within a head, then lower head first across heads (row-major rank = a cumulative sum).
+select_columns: one program per query token (b, t), holding all H*K probabilities of that token, as
+order-preserving uint32 keys of the fp32 values. Instead of the reference's two sorts it finds two thresholds, first
+per head (the head_cap-th largest), then over the surviving candidates (the n_cols-th largest), by the cheapest of
+three routes for the cap c:
+- c = 1 (the layer's cap at long T, sea_edge.config.budget): each head's max and its lowest column, and the n_cols
+  best heads by a rank over (H x H) pairs; no scan of the (H, K) tile. 1.15 ms at 64k, 12 x 256, against 11.9 ms by
+  bisection (H100);
+- c <= 16: the distinct key levels from the top, one max and one count each, into a (H, c) table of level keys and
+  their candidate counts, which the budget's bisection then counts instead of the tile;
+- larger c: bisection on the 32 key bits, each step a compare-and-count over the tile.
+Ties at a threshold are broken exactly like the stable sorts of the reference: lower column first within a head,
+then lower head first across heads (row-major rank = a cumulative sum).
 
 expand_columns: one program per (b, h, t) row; each kept column j covers the keys [floor(j L / K),
 floor((j + 1) L / K)) (reference.column_spans); valid keys are written compacted in slot order, holes (-1) after.
@@ -146,6 +153,16 @@ def _select_columns_fwd_kernel(
              mask=(hh < H)[:, None] & (slot[None, :] >= n_keep[:, None]) & (slot[None, :] < c))
 
 
+def _select_warps(c: int, n: int) -> int:
+    """Warps per token's program. H100, T = 65536, 12 heads x K = 256 (results/select_columns_cap1_h100_2026-12-07.json):
+    cap 1 takes 0.63 ms at 2 warps, 0.78 at 4, 1.16 at 8; cap 2 (T = 16384) 0.97 ms at 4, 1.29 at 2, 1.47 at 8."""
+    if c == 1:
+        return 2
+    if c <= _ITER_MAX_C:
+        return 4
+    return 8 if n >= 4096 else 4
+
+
 def select_columns(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, causal: bool,
                    n_keys: int | None = None) -> torch.Tensor:
     """Triton twin of select_columns_ref: per token keep the n_cols largest of H*K probabilities (or, with n_keys,
@@ -167,7 +184,8 @@ def select_columns(probs: torch.Tensor, n_cols: int, head_cap: int, S: int, caus
         return cols
     _select_columns_fwd_kernel[(B * T,)](
         probs_ptr=probs.contiguous(), cols_ptr=cols, T=T, S=S, K=K, H=H, n_cols=n_cols, n_keys=n_keys or 0, c=c,
-        CAUSAL=bool(causal), BH=BH, BK=BK, BC=triton.next_power_of_2(c), ITER=c <= _ITER_MAX_C, num_warps=_CFG["select_warps"] or (8 if BH * BK >= 4096 else 4),
+        CAUSAL=bool(causal), BH=BH, BK=BK, BC=triton.next_power_of_2(c), ITER=c <= _ITER_MAX_C,
+        num_warps=_CFG["select_warps"] or _select_warps(c, BH * BK),
     )
     return cols
 

@@ -37,13 +37,14 @@ __all__ = ["performer_causal_triton", "performer_kv_triton", "performer_query_tr
 
 _CFG = {"performer_block_t": 32, "performer_block_f": 32, "performer_warps": 4,  # sea_edge.bench_layer --sweep
         # causal: the tile as the chunk (one pass over the features for states and diagonal), 8 warps for the
-        # (64 x E) eye accumulator. Layer at 64k, 12/12, H100: 37.0 ms, against 38.6 at chunk 128 / tile 32 / 4 warps
+        # (64 x E) eye accumulator. Layer, H100, against chunk 128 / tile 32 / 4 warps: 33.8 vs 35.1 ms (64k, 12/12),
+        # 22.6 vs 23.5 (64k, 9/3), 10.5 vs 11.2 (16k, 12/12), 7.95 vs 8.28 (16k, 9/3)
         "causal_chunk": 64, "causal_block_t": 64, "causal_warps": 8, "state_block_s": 32, "state_warps": 4,
         "state_block_w": 64, "kv_keys": 2048,
         # None: the whole padded state row per program, as measured in the bidirectional layer (H100, 2026-12-06)
         "kv_block_w": None,
         # the causal estimator's route (sea_edge/estimator.py): these kernels (True) or the torch path (False). On:
-        # the layer at 64k, 12/12 heads, 57.2 ms against 63.3 ms, peak 4628 against 12418 MiB (H100, 2026-12-06)
+        # the layer at 64k, 12/12 heads, 38.6 ms against 57.8 ms, peak 4628 against 12418 MiB (H100, 2026-12-07)
         "causal_fused": True}
 
 
