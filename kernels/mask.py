@@ -154,8 +154,9 @@ def _select_columns_fwd_kernel(
 
 
 def _select_warps(c: int, n: int) -> int:
-    """Warps per token's program. H100, T = 65536, 12 heads x K = 256 (results/select_columns_cap1_h100_2026-12-07.json):
-    cap 1 takes 0.63 ms at 2 warps, 0.78 at 4, 1.16 at 8; cap 2 (T = 16384) 0.97 ms at 4, 1.29 at 2, 1.47 at 8."""
+    """Warps per token's program. H100, 12 heads x K = 256 (results/select_columns_cap1_h100_2026-12-07.json): cap 1
+    (T = 65536) takes 0.63 ms at 2 warps, 0.78 at 4, 1.16 at 8; cap 2 (T = 16384) 0.97 ms at 4, 1.29 at 2, 1.47 at
+    8."""
     if c == 1:
         return 2
     if c <= _ITER_MAX_C:

@@ -384,8 +384,9 @@ def performer_causal_triton(q, k, v, proj, state0, ln_w, ln_b, eps: float, E: in
                             key_valid=None):
     """reference.performer_causal_ref (inference: no autograd) in four launches: the chunks' [v, 1] states (Triton),
     their prefix sum in place (torch cumsum), the eye totals over every key (Triton, as performer_kv_triton), and
-    the query side with the LayerNorm (Triton). state0 must be a state of keys before pos0 (as reference.performer_kv_ref
-    writes one): its last column is the sum of its eye columns, and it has no eye column past col(pos0 - 1).
+    the query side with the LayerNorm (Triton). state0 must be a state of keys before pos0 (as
+    reference.performer_kv_ref writes one): its last column is the sum of its eye columns, and it has no eye column
+    past col(pos0 - 1).
     Returns x (B, H, T, 2D + E) and the state after the last key (B, Hkv, m, D + E + 1), fp32."""
     B, H, T, D = q.shape
     if k.dim() != 4 or k.shape[0] != B or k.shape[2] != T or k.shape[3] != D or H % k.shape[1] or v.shape != k.shape:
@@ -475,7 +476,7 @@ def performer_kv_triton(k, v, proj, E: int, L: int, pos0: int = 0, key_valid=Non
     """reference.performer_kv_ref on the GPU: sum over the keys of phi(k)^T [v, eye, 1] (B, Hkv, m, D + E + 1) fp32,
     phi(k) and the values built in registers (never stored). Programs of kv_keys keys each write a partial state;
     torch sums them."""
-    B, Hkv, S, D = k.shape
+    B, _, S, D = k.shape
     if v.shape != k.shape:
         raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if proj.dim() != 2 or proj.shape[1] != D:
