@@ -39,8 +39,8 @@ _CFG = {"scores_block_m": 64, "scores_stages": 3, "scores_warps": 4}
 @triton.jit
 def _scores_steps(j_lo, j_hi, u_prev, b_prev, c_prev, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask, S,
                   scale, stride_ps, stride_ks, stride_cb, stride_vb,
-                  K: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
-                  WIN: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr):
+                  K: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr, WIN: tl.constexpr,
+                  BLOCK_D: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr):
     """Boundaries j_lo .. j_hi - 1, each moving by fewer than WIN keys over the tile's rows (the launcher's j ranges).
     Returns the carried (u, b, count) of the last boundary."""
     d = tl.arange(0, BLOCK_D)
@@ -114,13 +114,13 @@ def _column_scores_fwd_kernel(
     # narrower key windows (WIN1 up to J1, WIN2 up to J2, BLOCK_M after), so fewer products run on tensor cores
     u, bp, cp = _scores_steps(1, J1 + 1, u, bp, cp, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask, S,
                               scale, stride_ps, stride_ks, stride_cb, stride_vb,
-                              K, HAS_VALID, IEEE, WIDE, WIN1, BLOCK_D, D, STAGES)
+                              K, HAS_VALID, IEEE, WIN1, BLOCK_D, D, STAGES)
     u, bp, cp = _scores_steps(J1 + 1, J2 + 1, u, bp, cp, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask,
                               S, scale, stride_ps, stride_ks, stride_cb, stride_vb,
-                              K, HAS_VALID, IEEE, WIDE, WIN2, BLOCK_D, D, STAGES)
+                              K, HAS_VALID, IEEE, WIN2, BLOCK_D, D, STAGES)
     _scores_steps(J2 + 1, K + 1, u, bp, cp, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask, S,
                   scale, stride_ps, stride_ks, stride_cb, stride_vb,
-                  K, HAS_VALID, IEEE, WIDE, BLOCK_M, BLOCK_D, D, STAGES)
+                  K, HAS_VALID, IEEE, BLOCK_M, BLOCK_D, D, STAGES)
 
 
 def _last_boundary(win: int, bm: int, K: int) -> int:

@@ -257,9 +257,7 @@ def main(argv=None) -> int:
                           f" | speedup {r['speedup']:5.2f}x", flush=True)
                     if dev == "cuda":
                         torch.cuda.empty_cache()
-    meta = _meta(dev, dtype)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_layer.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    meta = _write_rows(args.out / "bench_layer.json", rows, dev, dtype)
     _plot(rows, args.out / "bench_layer.png", meta)
     print(f"\n{meta}")
     print(f"{'heads':>6} {'mode':>6} {'k':>5} {'T':>6} {'SEA ms':>8} {'flash ms':>9} {'speedup':>8} {'SEA MiB':>8} {'flash MiB':>9}")
@@ -270,10 +268,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def _meta(dev: str, dtype) -> dict:
-    """The machine and versions a table was measured with."""
-    return {"gpu": torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or 'cpu'})",
+def _write_rows(path: Path, rows: list[dict], dev: str, dtype) -> dict:
+    """A table's rows as JSON at path, with the machine and versions it was measured with (returned)."""
+    meta = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or 'cpu'})",
             "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return meta
 
 
 def _performer_table(heads, Ts, dev: str, dtype, out: Path) -> int:
@@ -290,10 +291,7 @@ def _performer_table(heads, Ts, dev: str, dtype, out: Path) -> int:
                       f"{r['triton_peak_mib']:10.0f} {r['max_abs_diff']:10.2e}", flush=True)
                 if dev == "cuda":
                     torch.cuda.empty_cache()
-    meta = _meta(dev, dtype)
-    print(meta)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "performer.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(_write_rows(out / "performer.json", rows, dev, dtype))
     return 0
 
 
