@@ -47,6 +47,8 @@ __all__ = [
     "performer_causal_ref",
     "performer_values",
     "performer_kv_ref",
+    "encoder_ref",
+    "mix_output_ref",
 ]
 
 
@@ -490,3 +492,29 @@ def performer_causal_ref(q, k, v, proj, state0, ln_w, ln_b, eps: float, E: int, 
     ctx = num[..., :-1] / num[..., -1:].clamp(min=1e-30)
     x = torch.cat([ctx, torch.nn.functional.normalize(q.to(wd), dim=-1)], dim=-1)
     return torch.nn.functional.layer_norm(x, (x.shape[-1],), ln_w.to(wd), ln_b.to(wd), eps), state
+
+
+def encoder_ref(x, w1, b1, w2, b2, head_embed, w_rows, b_rows, w_mix, b_mix):
+    """A SEA estimator's encoder MLP, its decoder's input rows and its output-mix scalars (SEA.md steps 2, 3 and 7):
+
+        feat = Linear2(GELU(Linear1(x))) + head_embed[h];  img = to_rows(feat);  mix, gain = sigmoid(mixer(feat))
+
+    x (B, H, T, F) the normalised encoder input; w1 (Wd, F), b1 (Wd,), w2 (Wd, Wd), b2 (Wd,), head_embed (H, Wd),
+    w_rows (N, Wd), b_rows (N,), w_mix (2, Wd), b_mix (2,) as nn.Linear stores them (GELU: the exact erf form).
+    Returns img (B, H, T, N), mix (B, H, T), gain (B, H, T) in x's dtype."""
+    f = torch.nn.functional
+    feat = f.linear(f.gelu(f.linear(x, w1, b1)), w2, b2) + head_embed[:, None, :]  # (B, H, T, Wd)
+    mix, gain = torch.sigmoid(f.linear(feat, w_mix, b_mix)).unbind(-1)
+    return f.linear(feat, w_rows, b_rows), mix, gain
+
+
+def mix_output_ref(sparse, mix, gain, num, cnt, group: int, dtype):
+    """A SEA layer's output (SEA.md step 7): mix * gain * sparse + (1 - mix) * avg, cast to `dtype`, where the
+    average context avg of query head h is num[:, h // group] / max(cnt, 1).
+
+    sparse (B, H, T, D); mix, gain (B, H, T, 1); num (B, H / group, T or 1, D) fp32 (T-stride 0 allowed: one
+    average per head); cnt (B, T) or None (no division)."""
+    avg = num if cnt is None else num / cnt.clamp(min=1)[:, None, :, None]
+    if group > 1:
+        avg = avg[:, torch.arange(sparse.shape[1], device=avg.device) // group]
+    return (mix * gain * sparse.float() + (1.0 - mix) * avg).to(dtype)

@@ -87,13 +87,13 @@ def _decoder_conv1_fwd_kernel(
 
 @triton.jit
 def _decoder_conv2_fwd_kernel(
-    Z, Rows, W2, B2, Content, KW, Sel, Out,
+    Z, Rows, W2, B2, Content, KW, Sel, Out, ColSum,
     T, H,
     stride_cb, stride_ch, stride_ct, stride_ck,
     stride_sb, stride_st, stride_sk,
     C: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_CONTENT: tl.constexpr, HAS_SEL: tl.constexpr,
-    BT: tl.constexpr,
+    SOFTMAX: tl.constexpr, COLSUM: tl.constexpr, BT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -113,6 +113,15 @@ def _decoder_conv2_fwd_kernel(
     if HAS_SEL:
         sel = tl.load(Sel + b * stride_sb + rows[None, :, None] * stride_st + col * stride_sk, mask=m3, other=0)
         sub = tl.where(sel != 0, sub, float("-inf"))
+    if SOFTMAX:  # the program holds whole rows (all K columns): softmax over them here, not in another pass
+        sub = tl.where(m3, sub, float("-inf"))
+        mx = tl.max(tl.max(sub, axis=2), axis=0)  # (BT,)
+        e = tl.exp(sub - mx[None, :, None])  # a row of only -inf: NaN, as torch.softmax gives
+        sub = e / tl.sum(tl.sum(e, axis=2), axis=0)[None, :, None]
+        if COLSUM:  # the rows' sum per column (NaN rows as 0), for the bidirectional average context
+            part = tl.sum(tl.where(m3 & (sub == sub), sub, 0.0), axis=1)  # (RP, WP)
+            c2 = xw[None, :] * R + i[:, None]
+            tl.atomic_add(ColSum + n * (W * R) + c2, part, mask=(i < R)[:, None] & (xw < W)[None, :], sem="relaxed")
     tl.store(Out + (n * T + rows[None, :, None]) * (W * R) + col, sub, mask=m3)
 
 
@@ -149,13 +158,22 @@ def _check(img, w1, ln_w, w2, rows1, rows2, content, content_weight, selectable,
 
 
 def decoder_triton(img, w1, b1, ln_w, ln_b, w2, b2, causal: bool, rows1=None, rows2=None, eps: float = 1e-5,
-                   content=None, content_weight=None, selectable=None, heads: int = 1):
+                   content=None, content_weight=None, selectable=None, heads: int = 1, softmax: bool = False,
+                   col_sums: torch.Tensor | None = None):
     """reference.decoder_ref in two Triton launches (inference: no autograd). Same arguments and returns; the
-    logits are fp32 (B, heads, T, K)."""
+    logits are fp32 (B, heads, T, K).
+
+    softmax: return torch.softmax(logits, -1) instead of the logits (the second launch holds whole rows, so the
+    estimate's probabilities cost no pass of their own). col_sums (B * heads, K) fp32, with softmax only: the rows'
+    probabilities are added into it per column (rows of NaN count as 0), in no fixed order (fp32 atomics)."""
     _check(img, w1, ln_w, w2, rows1, rows2, content, content_weight, selectable, heads)
     N, C, T, W = img.shape
     r = w2.shape[0]
     K = W * r
+    if col_sums is not None and (not softmax or tuple(col_sums.shape) != (N, K) or col_sums.dtype != torch.float32
+                                 or not col_sums.is_contiguous()):
+        raise ValueError(f"col_sums must be a contiguous fp32 (B * heads, K) = {(N, K)} buffer and needs softmax, "
+                         f"got {tuple(col_sums.shape)} {col_sums.dtype} with softmax={softmax}")
     dev = img.device
     f32 = (lambda t: t.detach().to(device=dev, dtype=torch.float32).contiguous())
     CP, RP, WP = triton.next_power_of_2(C), triton.next_power_of_2(r), triton.next_power_of_2(W)
@@ -179,14 +197,15 @@ def decoder_triton(img, w1, b1, ln_w, ln_b, w2, b2, causal: bool, rows1=None, ro
     _decoder_conv2_fwd_kernel[grid](
         Z=z, Rows=f32(rows2) if (causal and rows2 is not None) else z, W2=f32(w2), B2=f32(b2),
         Content=content if has_c else z, KW=f32(content_weight) if has_c else z,
-        Sel=sel if sel is not None else z, Out=out,
+        Sel=sel if sel is not None else z, Out=out, ColSum=col_sums if col_sums is not None else z,
         T=T, H=heads,
         stride_cb=content.stride(0) if has_c else 0, stride_ch=content.stride(1) if has_c else 0,
         stride_ct=content.stride(2) if has_c else 0, stride_ck=content.stride(3) if has_c else 0,
         stride_sb=(sel.stride(0) if sel.shape[0] > 1 else 0) if sel is not None else 0,
         stride_st=sel.stride(2) if sel is not None else 0, stride_sk=sel.stride(3) if sel is not None else 0,
         C=C, R=r, RP=RP, W=W, WP=WP, CAUSAL=causal, HAS_ROWS=causal and rows2 is not None,
-        HAS_CONTENT=has_c, HAS_SEL=sel is not None, BT=BT, num_warps=_CFG["decoder_warps"],
+        HAS_CONTENT=has_c, HAS_SEL=sel is not None, SOFTMAX=bool(softmax), COLSUM=col_sums is not None, BT=BT,
+        num_warps=_CFG["decoder_warps"],
     )
     logits = out.view(N // heads, heads, T, K)
     if not causal:

@@ -14,6 +14,7 @@ import torch
 
 from sea_edge.kernels import (
     column_spans,
+    mix_output_ref,
     select_columns_op,
     sparse_attention,
     sparse_attention_cols,
@@ -56,15 +57,26 @@ def selectable_columns(T: int, S: int, K: int, causal: bool, device, key_valid=N
     return (count > 0).unsqueeze(1)
 
 
-def average_context(v, probs, key_valid, causal: bool, n_heads: int) -> torch.Tensor:
+def average_context(v, probs, key_valid, causal: bool, n_heads: int, col_mean=None) -> torch.Tensor:
     """The "average" context of SEA.md step 7. Causal: running mean of v over each query's visible keys.
     Bidirectional: v weighted by the mean estimated attention of the head's queries, spread over each column's keys.
 
-    v (B, Hkv, S, D); probs (B, H, T, K); key_valid (B, S) bool or None. Returns (B, H, T, D), fp32.
+    v (B, Hkv, S, D); probs (B, H, T, K); key_valid (B, S) bool or None; col_mean (B, H, K) or None: probs' mean
+    over T (NaN rows as 0) when the caller has it already. Returns (B, H, T, D), fp32.
     """
+    num, cnt, group = _average_parts(v, probs, key_valid, causal, n_heads, col_mean)
+    avg = num if cnt is None else num / cnt.clamp(min=1)[:, None, :, None]
+    if group > 1:
+        avg = avg[:, torch.arange(n_heads, device=v.device) // group]
+    return avg.expand(v.shape[0], n_heads, probs.shape[2], v.shape[3])
+
+
+def _average_parts(v, probs, key_valid, causal: bool, n_heads: int, col_mean=None):
+    """average_context in parts (num, cnt, group): head h's average is num[:, h // group] / max(cnt, 1), so that
+    the output mix (kernels.mix_output_ref) divides and gathers heads on the way instead of in passes of its own.
+    Causal: num (B, Hkv, T, D), cnt (B, T), group H / Hkv. Bidirectional: num (B, H, 1, D), no cnt, group 1."""
     B, Hkv, S, D = v.shape
     T, K = probs.shape[2], probs.shape[3]
-    heads = torch.arange(n_heads, device=v.device) // (n_heads // Hkv)
     valid = torch.ones(B, S, device=v.device) if key_valid is None else key_valid.float()
     if causal:
         # The keys before the first query enter as one product (valid weights, 0 on the last T keys) @ v: it reads
@@ -74,18 +86,21 @@ def average_context(v, probs, key_valid, causal: bool, n_heads: int) -> torch.Te
         prior = valid.masked_fill(torch.arange(S, device=v.device) >= S - T, 0.0)  # (B, S)
         num = cumsum_rows(last) + prior[:, None, None, :] @ v.float()  # (B, Hkv, T, D)
         cnt = valid[:, S - T :].cumsum(1) + prior.sum(1, keepdim=True)  # (B, T)
-        return (num / cnt.clamp(min=1)[:, None, :, None])[:, heads]
+        return num, cnt, n_heads // Hkv
+    heads = torch.arange(n_heads, device=v.device) // (n_heads // Hkv)
     vv = v.float() * valid[:, None, :, None]
     # key s lies in the column j with floor(jS/K) <= s < floor((j+1)S/K), i.e. j = ceil((s+1)K/S) - 1
     s = torch.arange(S, device=v.device)
     col = torch.div((s + 1) * K + S - 1, S, rounding_mode="floor") - 1  # (S,)
     start, end = column_spans(torch.arange(K, device=v.device).view(1, K), K, S, False)  # (1, K)
     span_len = (end - start).view(K).clamp(min=1)  # keys per column (no bincount: its size is data-dependent)
-    w = probs.float().nan_to_num(0.0).mean(2)[..., col] / span_len[col]  # (B, H, S)
+    if col_mean is None:
+        col_mean = torch.nansum(probs.float(), 2) / T  # NaN rows (nothing selectable) as 0, without a copy
+    w = col_mean[..., col] / span_len[col]  # (B, H, S)
     w = w * valid[:, None, :]
     w = w / w.sum(-1, keepdim=True).clamp(min=1e-30)
     ctx = torch.einsum("bhs,bhsd->bhd", w, vv[:, heads])
-    return ctx[:, :, None, :].expand(B, n_heads, T, D)
+    return ctx[:, :, None, :], None, 1
 
 
 def mask_geometry(estimator: SEAEstimator, H: int, T: int, S: int, device, key_valid=None):
@@ -104,8 +119,9 @@ def _sea(estimator: SEAEstimator, q, k, v, scale: float, key_valid, state, geome
     if geometry is None:
         geometry = mask_geometry(estimator, H, T, S, q.device, key_valid)
     selectable, n_cols, head_cap, span = geometry
-    est = estimator(q, k, v, selectable, key_valid, state)  # logits (B, H, T, K)
-    probs = torch.softmax(est.logits, dim=-1)  # P_hat, SEA.md step 3
+    # P_hat (SEA.md step 3), (B, H, T, K). Recording keeps the logits too (distillation and quality read them).
+    est = estimator(q, k, v, selectable, key_valid, state, probs=not record)
+    probs = est.probs if est.probs is not None else torch.softmax(est.logits, dim=-1)
     # top-k is not differentiable (SEA.md, distillation); every row spends H*k keys: causal rows whose columns
     # span fewer keys keep more columns.
     if q.is_cuda:
@@ -123,12 +139,14 @@ def _sea(estimator: SEAEstimator, q, k, v, scale: float, key_valid, state, geome
         # sea_edge::SparseAttention node. Same keys as the GPU path (tests/test_kernels_cols.py).
         idx = sparse_index_op(probs.detach(), key_valid, n_cols, head_cap, S, causal, H * cfg.k, span)  # (B, H, T, w)
         sparse = sparse_attention(q, k, v, idx, scale)  # (B, H, T, D)
-    if cfg.mix:
-        avg = average_context(v, probs, key_valid, causal, H)
-        out = est.mix * est.gain * sparse.float() + (1.0 - est.mix) * avg
-    else:
-        out = sparse.float()
-    return out.to(q.dtype), est, idx, sparse
+    if not cfg.mix:
+        return sparse.to(q.dtype), est, idx, sparse
+    num, cnt, group = _average_parts(v, probs, key_valid, causal, H, est.col_mean)
+    if q.is_cuda and not torch.is_grad_enabled():  # one pass (kernels/triton_mix.py) instead of ~6 in torch
+        from sea_edge.kernels import mix_output_triton
+
+        return mix_output_triton(sparse, est.mix, est.gain, num, cnt, group, q.dtype), est, idx, sparse
+    return mix_output_ref(sparse, est.mix, est.gain, num, cnt, group, q.dtype), est, idx, sparse
 
 
 def sea_attention(

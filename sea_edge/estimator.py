@@ -38,17 +38,27 @@ def _causal_fused() -> bool:
     return triton_performer._CFG["causal_fused"]
 
 
+def _linear(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (N, K), bias (N,)) that a Linear multiplies by: an nn.Linear's own, or a quantize.QuantizedLinear's
+    dequantized weight (the same product its forward computes)."""
+    w = m.dequantize() if hasattr(m, "dequantize") else m.weight
+    return w, m.bias if m.bias is not None else w.new_zeros(w.shape[0])
+
+
 class EstimatorOutput:
     """What the estimator returns for one layer."""
 
-    __slots__ = ("logits", "mix", "gain", "features", "state")
+    __slots__ = ("logits", "mix", "gain", "features", "state", "probs", "col_mean")
 
-    def __init__(self, logits, mix, gain, features, state=None):
-        self.logits = logits  # (B, H, T, K) compressed attention logits, -inf on empty columns
+    def __init__(self, logits, mix, gain, features, state=None, probs=None, col_mean=None):
+        self.logits = logits  # (B, H, T, K) compressed attention logits, -inf on empty columns; None when the
+        # caller asked for probs on the GPU inference path (the decoder's launch writes those instead)
         self.mix = mix  # (B, H, T, 1) share of the sparse context in the output
         self.gain = gain  # (B, H, T, 1) scale of the sparse context (1 at init)
-        self.features = features  # (B, H, T, 2D) encoder features
+        self.features = features  # (B, H, T, 2D) encoder features; None on the GPU inference path
         self.state = state  # causal: (performer, rows1, rows2) after the last position, see SEAEstimator.forward
+        self.probs = probs  # (B, H, T, K) softmax of the logits (P_hat, SEA.md step 3) when forward(probs=True)
+        self.col_mean = col_mean  # bidirectional, with probs on the GPU: (B, H, K) probs' mean over T (NaN as 0)
 
 
 def _orthogonal_gaussian(m: int, d: int) -> torch.Tensor:
@@ -169,10 +179,11 @@ class SEAEstimator(nn.Module):
             return decoder_triton
         return decoder_ref
 
-    def forward(self, q, k, v, selectable, key_valid=None, state=None) -> EstimatorOutput:
+    def forward(self, q, k, v, selectable, key_valid=None, state=None, probs: bool = False) -> EstimatorOutput:
         """q (B, H, T, D), k/v (B, Hkv, S, D), selectable (T, K) or (B, 1, T, K) bool: columns that hold a real
         key. Causal models may pass `state` = (performer (B, Hkv, m, W), rows1, rows2 (B, H, C, 2, K/r)): what the
-        first S - T positions left (EstimatorOutput.state is the same after all S)."""
+        first S - T positions left (EstimatorOutput.state is the same after all S). probs: the output carries
+        softmax(logits) (and, on the GPU inference path, only that: logits is None there)."""
         B, H, T, D = q.shape
         perf, rows1, rows2 = state if state is not None else (None, None, None)
         if not self.causal and _triton_inference(q):
@@ -188,19 +199,36 @@ class SEAEstimator(nn.Module):
         else:
             ctx, perf = self.performer(q, k, v, key_valid, perf)  # (B, H, T, D+E)
             x = self.in_norm(torch.cat([ctx, F.normalize(q.float(), dim=-1)], dim=-1))
-        feat = self.encoder(x) + self.head_embed[:, None, :]  # (B, H, T, 2D)
-        img = self.to_rows(feat).view(B * H, T, self.C, -1).permute(0, 2, 1, 3)  # (B*H, C, T, K/r)
+        if _triton_inference(x):  # one pass: encoder MLP, the decoder's rows and the mix (kernels/triton_encoder.py)
+            from sea_edge.kernels import encoder_triton
+
+            rows, mix, gain = encoder_triton(x, *_linear(self.encoder[0]), *_linear(self.encoder[2]), self.head_embed,
+                                             *_linear(self.to_rows), *_linear(self.mixer))
+            feat = None  # never written on this path: nothing in inference reads it
+        else:
+            feat = self.encoder(x) + self.head_embed[:, None, :]  # (B, H, T, 2D)
+            rows = self.to_rows(feat)  # (B, H, T, C K / r)
+            mix, gain = torch.sigmoid(self.mixer(feat)).unbind(-1)  # (B, H, T) each
+        img = rows.view(B * H, T, self.C, -1).permute(0, 2, 1, 3)  # (B*H, C, T, K/r)
         flat = (lambda r: None if r is None else r.reshape(B * H, self.C, 2, -1))
         content = kw = None
         if self.cfg.key_scores:  # q against each column's mean key: where the row attends by content
             content = column_scores(q, k, self.K, self.causal, D**-0.5, key_valid)  # (B, H, T, K) fp32
             kw = self.key_weight
-        logits, rows1, rows2 = self._decoder(img)(
+        decoder = self._decoder(img)
+        fused = probs and decoder is not decoder_ref  # Triton: the decoder's second launch writes the softmax
+        sums = q.new_zeros(B * H, self.K, dtype=torch.float32) if fused and not self.causal else None
+        extra = {"softmax": True, "col_sums": sums} if fused else {}
+        logits, rows1, rows2 = decoder(
             img, self.conv1.weight, self.conv1.bias, self.norm.weight, self.norm.bias, self.conv2.weight,
-            self.conv2.bias, self.causal, flat(rows1), flat(rows2), self.norm.eps, content, kw, selectable, H,
-        )  # (B, H, T, K), -inf on unselectable columns
-        mix, gain = torch.sigmoid(self.mixer(feat)).unbind(-1)
+            self.conv2.bias, self.causal, flat(rows1), flat(rows2), self.norm.eps, content, kw, selectable, H, **extra,
+        )  # (B, H, T, K), -inf on unselectable columns (the softmax of that when fused)
         out = EstimatorOutput(logits, mix.unsqueeze(-1), 2.0 * gain.unsqueeze(-1), feat)
+        if fused:
+            out.logits, out.probs = None, logits
+            out.col_mean = None if sums is None else sums.view(B, H, self.K) / T
+        elif probs:
+            out.probs = torch.softmax(logits, dim=-1)
         if self.causal:
             out.state = (perf, rows1.reshape(B, H, self.C, 2, -1), rows2.reshape(B, H, self.C, 2, -1))
         return out

@@ -99,6 +99,25 @@ def test_decoder_chunks_chain_like_one_pass():
     torch.testing.assert_close(torch.cat([out1, out2], 2), whole, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_decoder_softmax_and_column_sums(causal):
+    """softmax=True returns torch.softmax of the logits (NaN on a row with nothing selectable, as torch gives), and
+    col_sums adds up each column's probabilities over the rows of three tiles, NaN rows as 0."""
+    a = make(2, 3, 4, 4, 150, 8, causal, rows=causal, content=True, sel="batch", seed=5)
+    sums = torch.full((6, 32), 0.5, device=DEV)  # added into, not overwritten
+    probs, r1, r2 = decoder_triton(**a, softmax=True, col_sums=sums)
+    logits, q1, q2 = decoder_ref(**a)
+    ref = torch.softmax(logits, -1)
+    nan = torch.isnan(ref)
+    assert nan.any() and torch.equal(torch.isnan(probs), nan)
+    torch.testing.assert_close(probs[~nan], ref[~nan], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sums, 0.5 + torch.nansum(ref, 2).view(6, 32), rtol=1e-5, atol=1e-5)
+    if causal:
+        torch.testing.assert_close(r2, q2, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="col_sums"):
+        decoder_triton(**a, col_sums=sums)  # without softmax
+
+
 def test_decoder_rejects_bad_shapes():
     a = make(1, 2, 4, 4, 5, 8, False, rows=False, content=False, sel=None)
     with pytest.raises(ValueError, match="LayerNorm width"):
