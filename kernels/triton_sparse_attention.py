@@ -38,7 +38,9 @@ __all__ = ["SparsePlan", "sparse_attention_cols_plan", "sparse_attention_cols_tr
 BLOCK_N = 64  # keys per block: the per-(row, block) mask is one int64
 # Launch settings the bench's --sweep varies (None: the defaults below); not a public interface.
 _CFG = {"fwd_warps": None, "fwd_stages": 3, "plan_ch": None, "plan_warps": 4, "plan_flags": False,
-        "cols_plan_warps": 1}
+        "cols_plan_warps": 1,
+        # forward from kept columns: merge each tile's spans inside the attention kernel (no plan, no host sync)
+        "cols_fused": True, "cols_fused_warps": 4}
 
 
 @triton.jit
@@ -384,6 +386,85 @@ def _sparse_attention_fwd_kernel(
 
 
 @triton.jit
+def _sparse_attention_cols_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cols_ptr, kvb_ptr,
+    qk_scale, T, S, K, Hq, group, c, n_kblocks,
+    CAUSAL: tl.constexpr, HAS_KV: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    """The forward of `_sparse_attention_fwd_kernel` over the blocks `_sparse_attention_cols_plan_kernel` would list,
+    found on the way: one program per (tile of BM rows, b*Hq + h) merges its rows' sorted key spans block by block
+    (the plan kernel's loop) and runs each block with its key masks at once. The same blocks in the same order as
+    the planned forward, so the same sums; no plan is written, and no host sync sizes it."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    hk = (bh % Hq) // group
+    r = tl.arange(0, BM)
+    rows = tile * BM + r
+    live = rows < T
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    nb_cols = tl.arange(0, BN)
+    q_off = (bh.to(tl.int64) * T + rows[:, None]) * D + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=live[:, None] & dmask[None, :], other=0.0)  # (BM, BLOCK_D)
+    kv_base = (b.to(tl.int64) * (Hq // group) + hk) * S * D
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BLOCK_D], tl.float32)
+    if CAUSAL:
+        L = (S - T + rows + 1).to(tl.int64)
+    else:
+        L = tl.zeros([BM], tl.int64) + S
+    row_ptr = cols_ptr + (bh.to(tl.int64) * T + rows) * c  # (BM,)
+    p = tl.zeros([BM], tl.int32)
+    pos, end = _span_at(row_ptr, p, c, L, K, live)  # (BM,) int64
+    nb = tl.min(pos // BN, 0)
+    while nb < n_kblocks:
+        lo = nb * BN
+        hi = lo + BN
+        mask = tl.zeros([BM], tl.int64)
+        act = pos < hi
+        while tl.max(act.to(tl.int32), 0) > 0:  # as in _sparse_attention_cols_plan_kernel
+            a = tl.maximum(pos, lo)
+            z = tl.minimum(end, hi)
+            ln = tl.maximum(z - a, 1)
+            run = ((tl.full([BM], 2, tl.int64) << (ln - 1)) - 1) << (a - lo)
+            mask |= tl.where(act & (z > a), run, 0)
+            done = act & (end <= hi)
+            p = tl.where(done, p + 1, p)
+            n_pos, n_end = _span_at(row_ptr, p, c, L, K, done)
+            pos = tl.where(done, n_pos, tl.where(act, hi, pos))
+            end = tl.where(done, n_end, end)
+            act = pos < hi
+        if HAS_KV:
+            mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
+        # a block whose masks are all 0 (only padding keys) changes nothing below: p = 0 and alpha = 1 exactly
+        keys = nb * BN + nb_cols
+        kmask = keys < S
+        kv_off = kv_base + keys[:, None].to(tl.int64) * D + d[None, :]
+        kvm = kmask[:, None] & dmask[None, :]
+        kb = tl.load(k_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
+        vb = tl.load(v_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
+        keep = ((mask[:, None] >> nb_cols[None, :].to(tl.int64)) & 1) != 0  # (BM, BN)
+        s = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale  # (BM, BN), log2 units
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb, input_precision=PREC)
+        m_i = m_new
+        nb = tl.min(pos // BN, 0)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(o_ptr + q_off, out.to(o_ptr.dtype.element_ty), mask=live[:, None] & dmask[None, :])
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(lse_ptr + bh.to(tl.int64) * T + rows, lse, mask=live)
+
+
+@triton.jit
 def _sparse_attention_bwd_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, blk_ptr, bits_ptr, cnt_ptr,
     qk_scale, scale, T, S, Hq, group, n_tiles, cap,
@@ -521,6 +602,36 @@ def _cols_plan(q, k, cols, K, causal, key_valid, block_m):
     return sparse_attention_cols_plan(cols, K, k.shape[2], causal, key_valid, block_m)
 
 
+def _sparse_attention_cols_fwd(q, k, v, cols, K: int, causal: bool, scale: float, key_valid, block_m: int):
+    """The forward straight from cols (`_sparse_attention_cols_fwd_kernel`): one launch, no plan, no host sync."""
+    if tuple(cols.shape[:3]) != tuple(q.shape[:3]) or cols.dim() != 4:
+        raise ValueError(f"cols {tuple(cols.shape)} must be (B, Hq, T, c) with q's (B, Hq, T) = {tuple(q.shape[:3])}")
+    if block_m not in (16, 32, 64, 128):
+        raise ValueError(f"block_m must be 16, 32, 64 or 128, got {block_m}")
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if causal and T > S:
+        raise ValueError(f"causal needs T <= S, got T={T}, S={S}")
+    if key_valid is not None and tuple(key_valid.shape) != (B, S):
+        raise ValueError(f"key_valid must be (B, S) = {(B, S)}, got {tuple(key_valid.shape)}")
+    c = cols.shape[3]
+    out = torch.zeros_like(q) if c == 0 or S == 0 else torch.empty_like(q)
+    lse = torch.full((B, Hq, T), float("inf"), device=q.device, dtype=torch.float32)
+    if c == 0 or T == 0 or S == 0:
+        return out, lse
+    block_d, prec, _ = _launch_cfg(q, block_m)
+    n_kblocks = triton.cdiv(S, BLOCK_N)
+    cols = cols.to(torch.int32).contiguous()
+    kvb = _pack_key_valid(key_valid, n_kblocks).contiguous() if key_valid is not None else cols
+    _sparse_attention_cols_fwd_kernel[(triton.cdiv(T, block_m), B * Hq)](
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse, cols_ptr=cols, kvb_ptr=kvb,
+        qk_scale=scale * math.log2(math.e), T=T, S=S, K=K, Hq=Hq, group=Hq // Hkv, c=c, n_kblocks=n_kblocks,
+        CAUSAL=bool(causal), HAS_KV=key_valid is not None, D=D, BLOCK_D=block_d, BM=block_m, BN=BLOCK_N, PREC=prec,
+        num_warps=_CFG["cols_fused_warps"],
+    )
+    return out, lse
+
+
 def sparse_attention_cols_triton(q, k, v, cols, K: int, causal: bool, scale: float, key_valid=None,
                                  plan: SparsePlan | None = None, block_m: int = 64, return_lse: bool = False):
     """Sparse attention over the keys that kept compressed columns stand for: equal to
@@ -528,9 +639,12 @@ def sparse_attention_cols_triton(q, k, v, cols, K: int, causal: bool, scale: flo
     built from cols (B, Hq, T, c) directly (sparse_attention_cols_plan): the (B, Hq, T, c * S / K) idx is never
     written or read. key_valid (B, S) bool or None."""
     q, k, v, cols = _prep(q, k, v, cols)
-    if plan is None:
-        plan = _cols_plan(q, k, cols, K, causal, key_valid, block_m)
-    out, lse = _sparse_attention_fwd(q, k, v, plan, float(scale))
+    if plan is None and _CFG["cols_fused"]:
+        out, lse = _sparse_attention_cols_fwd(q, k, v, cols, K, causal, float(scale), key_valid, block_m)
+    else:
+        if plan is None:
+            plan = _cols_plan(q, k, cols, K, causal, key_valid, block_m)
+        out, lse = _sparse_attention_fwd(q, k, v, plan, float(scale))
     return (out, lse) if return_lse else out
 
 

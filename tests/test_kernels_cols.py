@@ -111,6 +111,22 @@ def test_cols_forward_backward_fp32_interpreter(case):
         assert_rel_err(a, b, 1e-5, what=name)
 
 
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("case", PLAN_CASES, ids=plan_id)
+def test_cols_fused_forward_equals_planned_forward(case, block_m):
+    """The forward that merges the spans in-kernel (no plan, no host sync) runs the planned forward's blocks in the
+    same order: the same out and lse, bit for bit (padding-only blocks, which the plan drops, add exactly 0)."""
+    B, H, T, S, K, cap, causal, pad, empty = case
+    g = torch.Generator(DEV).manual_seed(2 + hash(case) % 2**31)
+    q, k, v = make_qkv(B, H, max(1, H // 2) if H % 2 == 0 else H, T, S, 16, torch.float32, g)
+    cols, kv = make_cols(B, H, T, S, K, cap, causal, g, pad, empty)
+    plan = sparse_attention_cols_plan(cols, K, S, causal, kv, block_m)
+    want, want_lse = sparse_attention_cols_triton(q, k, v, cols, K, causal, 0.25, kv, plan=plan, block_m=block_m,
+                                                  return_lse=True)
+    got, lse = sparse_attention_cols_triton(q, k, v, cols, K, causal, 0.25, kv, block_m=block_m, return_lse=True)
+    assert torch.equal(got, want) and torch.equal(lse, want_lse)
+
+
 def test_cols_op_cpu_is_reference_with_autograd_and_fake():
     g = torch.Generator("cpu").manual_seed(5)
     B, H, Hkv, T, S, D, K = 2, 6, 3, 13, 40, 8, 8
@@ -187,7 +203,10 @@ def test_cols_forward_backward_gpu(case, dtype):
     idx = expand_columns_ref(cols, K, S, causal, kv)
     assert_same_plan(sparse_attention_cols_plan(cols, K, S, causal, kv), sparse_attention_plan(idx, S))
     scale = 1.0 / math.sqrt(D)
-    out = sparse_attention_cols(q, k, v, cols, kv, K, causal, scale)  # the op: CUDA -> Triton
+    out = sparse_attention_cols(q, k, v, cols, kv, K, causal, scale)  # the op: CUDA -> Triton (fused forward)
+    planned = sparse_attention_cols_triton(q, k, v, cols, K, causal, scale, kv,
+                                           plan=sparse_attention_cols_plan(cols, K, S, causal, kv))
+    assert torch.equal(out, planned), "the fused forward differs from the planned one"
     exact = attention_gather(q.double(), k.double(), v.double(), idx, scale, torch.float64)
     assert torch.isfinite(out).all()
     assert_close_to_ref(out, attention_gather(q, k, v, idx, scale, dt), exact, what="out")
