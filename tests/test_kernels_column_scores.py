@@ -60,6 +60,8 @@ CASES = [  # (B, Hq, Hkv, T, S, D, K, causal, pad)
     (2, 2, 1, 1, 13, 8, 32, True, True),  # one row, K > S: empty columns
     (1, 2, 2, 31, 31, 10, 8, False, False),
     (2, 4, 2, 19, 19, 16, 32, False, True),  # bidirectional, K > S, padding
+    (1, 2, 2, 32, 32, 10, 8, False, False),  # bidirectional, K divides S: the column sums as one reduction
+    (2, 4, 2, 24, 24, 16, 8, False, True),  # the same with padding (a column of only padding keys)
 ]
 IDS = [f"B{c[0]}-H{c[1]}/{c[2]}-T{c[3]}-S{c[4]}-D{c[5]}-K{c[6]}-{'causal' if c[7] else 'bidir'}"
        f"{'-pad' if c[8] else ''}" for c in CASES]
