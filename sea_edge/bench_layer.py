@@ -49,6 +49,25 @@ def _time_ms(fn, cuda: bool, warmup=3, rep=10) -> float:
     return times[len(times) // 2]
 
 
+def _graphed(fn):
+    """fn captured once in a CUDA graph, its replay returned (None where it cannot be captured: a host sync inside).
+    A layer of ~60 kernels spends ~40 us of host time per launch in eager mode, more than its GPU time up to
+    T ~ 16k (kernels/NOTES.md); a graph launches all of them at once, as a serving runtime does per shape."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream (Triton compiles, the allocator fills)
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        return None
+    return graph.replay
+
+
 def bench_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, dtype=torch.float16,
                 dev: str = "cuda", autocast: bool = False) -> dict:
     """One row: SEA layer vs dense SDPA (flash backend on the GPU; the CPU smoke run takes what the CPU has)."""
@@ -85,6 +104,10 @@ def bench_layer(T: int, k: int, H: int, Hkv: int, causal: bool, D: int = 64, dty
     row["flash_ms"] = _time_ms(flash, cuda)
     row["flash_peak_mib"] = peak_mib(flash, cuda)
     row["speedup"] = row["flash_ms"] / row["sea_ms"]
+    replay = _graphed(sea) if cuda and not autocast else None
+    row["sea_graph_ms"] = _time_ms(replay, cuda) if replay is not None else math.nan
+    row["speedup_graph"] = row["flash_ms"] / row["sea_graph_ms"]
+    del replay
     return row
 
 
@@ -253,18 +276,20 @@ def main(argv=None) -> int:
                                             autocast=args.autocast and dev == "cuda"))
                     r = rows[-1]
                     print(f"H{H}/{Hkv} {'causal' if causal else 'bidir '} k={k:<5} T={T:<6} SEA {r['sea_ms']:8.2f} ms "
-                          f"{r['sea_peak_mib']:8.0f} MiB | flash {r['flash_ms']:8.2f} ms {r['flash_peak_mib']:8.0f} MiB"
-                          f" | speedup {r['speedup']:5.2f}x", flush=True)
+                          f"(graph {r['sea_graph_ms']:7.2f}) {r['sea_peak_mib']:8.0f} MiB | flash {r['flash_ms']:8.2f} ms "
+                          f"{r['flash_peak_mib']:8.0f} MiB | speedup {r['speedup']:5.2f}x (graph "
+                          f"{r['speedup_graph']:5.2f}x)", flush=True)
                     if dev == "cuda":
                         torch.cuda.empty_cache()
     meta = _write_rows(args.out / "bench_layer.json", rows, dev, dtype)
     _plot(rows, args.out / "bench_layer.png", meta)
     print(f"\n{meta}")
-    print(f"{'heads':>6} {'mode':>6} {'k':>5} {'T':>6} {'SEA ms':>8} {'flash ms':>9} {'speedup':>8} {'SEA MiB':>8} {'flash MiB':>9}")
+    print(f"{'heads':>6} {'mode':>6} {'k':>5} {'T':>6} {'SEA ms':>8} {'graph ms':>9} {'flash ms':>9} {'speedup':>8} "
+          f"{'graph':>7} {'SEA MiB':>8} {'flash MiB':>9}")
     for r in rows:
         print(f"{r['H']}/{r['Hkv']:<3} {'causal' if r['causal'] else 'bidir':>6} {r['k']:>5} {r['T']:>6} "
-              f"{r['sea_ms']:8.2f} {r['flash_ms']:9.2f} {r['speedup']:7.2f}x {r['sea_peak_mib']:8.0f} "
-              f"{r['flash_peak_mib']:9.0f}")
+              f"{r['sea_ms']:8.2f} {r['sea_graph_ms']:9.2f} {r['flash_ms']:9.2f} {r['speedup']:7.2f}x "
+              f"{r['speedup_graph']:6.2f}x {r['sea_peak_mib']:8.0f} {r['flash_peak_mib']:9.0f}")
     return 0
 
 
@@ -311,6 +336,9 @@ def _plot(rows, path, meta):
             sel = [r for r in rows if (r["H"], r["Hkv"], r["causal"], r["k"]) == (H, Hkv, causal, k)]
             name = f"H{H}/{Hkv} {'causal' if causal else 'bidir'}"
             ax.plot([r["T"] for r in sel], [r[f"sea_{key}"] for r in sel], "o-", label=f"SEA k={k} {name}")
+            if key == "ms" and any(math.isfinite(r.get("sea_graph_ms", math.nan)) for r in sel):
+                ax.plot([r["T"] for r in sel], [r["sea_graph_ms"] for r in sel], "s:",
+                        label=f"SEA k={k} {name}, CUDA graph")
             ax.plot([r["T"] for r in sel], [r[f"flash_{key}"] for r in sel], "x--", label=f"SDPA flash {name}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
