@@ -27,10 +27,18 @@ _CFG = {"encoder_block_t": 64, "encoder_block_f": 64, "encoder_block_n": 64, "en
 
 
 @triton.jit
+def _tf32(x):
+    """fp32 rounded to TF32's 10 mantissa bits (to nearest, ties away), as cuBLAS's TF32 GEMMs round their inputs;
+    tl.dot's TF32 path drops the 13 low bits instead, about twice the error (triton-lang/triton#4574)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)  # -8192 = 0xFFFFE000
+
+
+@triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+    return tl.dot(_tf32(a), _tf32(b), acc)
 
 
 @triton.jit
@@ -102,7 +110,8 @@ def encoder_triton(x, w1, b1, w2, b2, head_embed, w_rows, b_rows, w_mix, b_mix):
         X=x, W1=f32(w1), B1=f32(b1), W2=f32(w2), B2=f32(b2), HeadEmbed=f32(head_embed), WRows=f32(w_rows),
         BRows=f32(b_rows), WMix=f32(w_mix), BMix=f32(b_mix), Img=img, Mix=mix, Gain=gain,
         T=T, H=H, F=F, WD=Wd, N=N, BLOCK_T=bt, BLOCK_F=_CFG["encoder_block_f"],
-        BLOCK_WD=max(16, triton.next_power_of_2(Wd)), BLOCK_N=min(_CFG["encoder_block_n"], max(16, triton.next_power_of_2(N))),
+        BLOCK_WD=max(16, triton.next_power_of_2(Wd)),
+        BLOCK_N=min(_CFG["encoder_block_n"], max(16, triton.next_power_of_2(N))),
         IEEE=not (x.is_cuda and torch.backends.cuda.matmul.allow_tf32),  # as torch's own fp32 matmuls would
         num_warps=_CFG["encoder_warps"],
     )
