@@ -43,6 +43,8 @@ _CFG = {"performer_block_t": 32, "performer_block_f": 32, "performer_warps": 4, 
         "state_block_w": 64, "kv_keys": 2048,
         # None: the whole padded state row per program, as measured in the bidirectional layer (H100, 2026-12-06)
         "kv_block_w": None,
+        # the eye part as segment sums where the spans allow (_performer_kv_seg_kernel), its features per program
+        "kv_seg": True, "seg_block_f": 64, "seg_warps": 4,
         # the causal estimator's route (sea_edge/estimator.py): these kernels (True) or the torch path (False). On:
         # the layer at 64k, 12/12 heads, 38.6 ms against 57.8 ms, peak 4628 against 12418 MiB (H100, 2026-12-07)
         "causal_fused": True}
@@ -225,6 +227,59 @@ def _performer_chunk_state_kernel(
     if E == 0:
         if w0 == 0:
             tl.store(buf + D, zsum, mask=f < M)
+
+
+@triton.jit
+def _performer_kv_seg_kernel(
+    Kk, V, Valid, Proj, Buf,
+    T, M, L, pos0, w_lo, q_scale, z_shift, clamp,
+    stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_valb,
+    stride_bb, stride_bh, stride_bn, stride_bm,
+    HKV: tl.constexpr, D: tl.constexpr, E: tl.constexpr, HAS_VALID: tl.constexpr, V_PART: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    """_performer_chunk_state_kernel's partial state of one chunk of keys, with the eye part as segment sums: when a
+    column's span L / E is a multiple of BLOCK_S (and so is pos0), every step of BLOCK_S keys lies in one eye column,
+    and phi(k)^T eye is that column's running sum of phi over the steps, stored when the column changes. Only
+    phi(k)^T v goes through tensor cores: a (BLOCK_F x D) accumulator instead of (BLOCK_F x (D + E + 1)), a third
+    of the products at E = 2D. V_PART: also the v columns and the last one (sum phi); else the eye columns alone
+    (the causal eye totals). Buf must start zeroed: a chunk stores only the eye columns its keys reach."""
+    n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    f0 = tl.program_id(2) * BLOCK_F
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = (pid_bh % HKV).to(tl.int64)
+    f = f0 + tl.arange(0, BLOCK_F)
+    fmask = f < M
+    d = tl.arange(0, BLOCK_D)
+    buf = Buf + b * stride_bb + hk * stride_bh + (n + 1) * stride_bn + f * stride_bm  # (BLOCK_F,) row pointers
+    acc = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
+    zsum = tl.zeros([BLOCK_F], dtype=tl.float32)
+    esum = tl.zeros([BLOCK_F], dtype=tl.float32)
+    s_lo = n * CHUNK
+    c_cur = ((pos0 + s_lo).to(tl.int64) * E) // L
+    for s0 in range(s_lo, tl.minimum(s_lo + CHUNK, T), BLOCK_S):
+        c = ((pos0 + s0).to(tl.int64) * E) // L
+        if c != c_cur:  # the previous column's keys are done (in this chunk)
+            tl.store(buf + (D + c_cur - w_lo), esum, mask=fmask)
+            esum = tl.zeros([BLOCK_F], dtype=tl.float32)
+            c_cur = c
+        s = s0 + tl.arange(0, BLOCK_S)
+        smask = s < T
+        xk, keep = _key_rows(Kk + b * stride_kb + hk * stride_kh + s * stride_ks, s, smask,
+                             Valid + b * stride_valb, HAS_VALID, q_scale, D, BLOCK_D)
+        phi = tl.where(keep[:, None], _features(xk, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE), 0.0)
+        part = tl.sum(phi, axis=0)  # (BLOCK_F,)
+        esum += part
+        if V_PART:
+            vv = tl.load((V + b * stride_vb + hk * stride_vh + s * stride_vs)[:, None] + d[None, :],
+                         mask=smask[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)  # (BLOCK_S, BLOCK_D)
+            acc = _dot(tl.trans(phi), vv, acc, IEEE)
+            zsum += part
+    tl.store(buf + (D + c_cur - w_lo), esum, mask=fmask)
+    if V_PART:
+        tl.store(buf[:, None] + d[None, :], acc, mask=fmask[:, None] & (d < D)[None, :])
+        tl.store(buf + D + E, zsum, mask=fmask)
 
 
 @triton.jit
@@ -432,7 +487,7 @@ def _block_width(setting: int | None, n: int) -> int:
 
 
 def _chunk_states(k, v, proj, key_valid, E: int, L: int, pos0: int, chunk: int, buf, cols: tuple[int, int],
-                  block_w: int | None) -> dict:
+                  block_w: int | None, launch: bool = True) -> dict:
     """Launch _performer_chunk_state_kernel: buf[:, :, n + 1] = the state sum of keys [n chunk, (n + 1) chunk) over
     the state columns cols = [w_lo, w_hi) of [v, eye, 1] (E = 0: [v, 1], cols (0, D)), in blocks of block_w columns
     (None: all of them, padded). k, v contiguous, proj fp32 contiguous. Returns the launch arguments the query
@@ -452,6 +507,8 @@ def _chunk_states(k, v, proj, key_valid, E: int, L: int, pos0: int, chunk: int, 
         IEEE=not (k.is_cuda and torch.backends.cuda.matmul.allow_tf32),  # as torch's own fp32 matmuls would
         Valid=valid if valid is not None else k,  # any pointer when there is no mask; never read
     )
+    if not launch:
+        return common
     bw = _block_width(block_w, cols[1] - cols[0])
     _performer_chunk_state_kernel[(buf.shape[2] - 1, B * Hkv, triton.cdiv(M, bf) * triton.cdiv(cols[1] - cols[0], bw))](
         Kk=k, V=v, Proj=proj, Buf=buf, w_lo=cols[0], w_hi=cols[1], HKV=Hkv, BLOCK_S=_CFG["state_block_s"],
@@ -459,16 +516,35 @@ def _chunk_states(k, v, proj, key_valid, E: int, L: int, pos0: int, chunk: int, 
     return common
 
 
+def _seg_block_s(E: int, L: int, pos0: int, S: int, cols: tuple[int, int], D: int) -> int | None:
+    """Keys per step of _performer_kv_seg_kernel for these keys, or None where it does not apply: every step must lie
+    in one eye column (the span L / E and pos0 multiples of the step, no key clamped into the last column), and the
+    columns must be the whole state or the eye alone."""
+    if not _CFG["kv_seg"] or E < 1 or L % E or pos0 + S > L or cols not in ((0, D + E + 1), (D, D + E)):
+        return None
+    return next((bs for bs in (64, 32, 16) if (L // E) % bs == 0 and pos0 % bs == 0), None)
+
+
 def _key_sums(k, v, proj, key_valid, E: int, L: int, pos0: int, cols: tuple[int, int], block_w: int | None):
     """The state columns cols = [w_lo, w_hi) of sum over the keys of phi(k)^T [v, eye, 1] (B, Hkv, m, w_hi - w_lo)
     fp32: programs of kv_keys keys each write a partial sum, and torch adds them (a fixed order, so the result is
-    deterministic)."""
-    B, Hkv, S, _ = k.shape
-    bs = _CFG["state_block_s"]
-    chunk = min(_CFG["kv_keys"], triton.cdiv(S, bs) * bs)
-    buf = torch.empty(B, Hkv, triton.cdiv(S, chunk) + 1, proj.shape[0], cols[1] - cols[0], device=k.device,
-                      dtype=torch.float32)
-    _chunk_states(k, v, proj, key_valid, E, L, pos0, chunk, buf, cols, block_w)
+    deterministic). Where the eye columns' spans allow it, the eye part is segment sums (_performer_kv_seg_kernel)."""
+    B, Hkv, S, D = k.shape
+    seg = _seg_block_s(E, L, pos0, S, cols, D)
+    bs = seg or _CFG["state_block_s"]
+    chunk = max(bs, min(_CFG["kv_keys"], triton.cdiv(S, bs) * bs) // bs * bs)  # whole steps: none crosses a column
+    shape = (B, Hkv, triton.cdiv(S, chunk) + 1, proj.shape[0], cols[1] - cols[0])
+    if seg is None:
+        buf = torch.empty(shape, device=k.device, dtype=torch.float32)
+        _chunk_states(k, v, proj, key_valid, E, L, pos0, chunk, buf, cols, block_w)
+        return buf[:, :, 1:].sum(2)
+    buf = torch.zeros(shape, device=k.device, dtype=torch.float32)  # a chunk stores only the eye columns it reaches
+    common = _chunk_states(k, v, proj, key_valid, E, L, pos0, chunk, buf, cols, block_w, launch=False)
+    bf = _CFG["seg_block_f"]
+    common.update(BLOCK_F=bf, CHUNK=chunk)
+    _performer_kv_seg_kernel[(shape[2] - 1, B * Hkv, triton.cdiv(proj.shape[0], bf))](
+        Kk=k, V=v, Proj=proj, Buf=buf, w_lo=cols[0], HKV=Hkv, V_PART=cols[0] == 0, BLOCK_S=seg,
+        num_warps=_CFG["seg_warps"], **common)
     return buf[:, :, 1:].sum(2)
 
 

@@ -212,6 +212,40 @@ def test_performer_kv_matches_reference(keys, masked, block_w, E, monkeypatch):
     assert_rel_err(kv, performer_kv_ref(k, v, proj, E, keys, 3, valid), 1e-5)
 
 
+@pytest.mark.parametrize("case", [(128, 4, 128, 0, 48), (128, 8, 128, 0, 2048), (96, 8, 256, 32, 40),
+                                  (100, 4, 128, 0, 64)],
+                         ids=lambda c: "S{}-E{}-L{}-pos{}-keys{}".format(*c))
+@pytest.mark.parametrize("masked", [False, True], ids=["all-keys", "padding"])
+def test_performer_kv_segment_sums(case, masked, monkeypatch):
+    """The eye part as segment sums (_performer_kv_seg_kernel) where the columns' spans allow it: steps of 32 or 16
+    keys, chunks that start inside a column (two chunks add to one column), a position offset, a last short step;
+    the whole state, and the eye columns alone (the causal eye totals)."""
+    S, E, L, pos0, keys = case
+    monkeypatch.setitem(triton_performer._CFG, "kv_keys", keys)
+    monkeypatch.setitem(triton_performer._CFG, "seg_block_f", 16)  # several feature blocks
+    _, k, v, proj, *_, valid = make_causal(2, 2, 2, S, 12, 27, E, with_valid=masked)
+    assert triton_performer._seg_block_s(E, L, pos0, S, (0, 12 + E + 1), 12) is not None
+    want = performer_kv_ref(k, v, proj, E, L, pos0, valid)
+    assert_rel_err(performer_kv_triton(k, v, proj, E, L, pos0, valid), want, 1e-5)
+    eye = triton_performer._key_sums(k, v, proj.contiguous(), valid, E, L, pos0, (12, 12 + E), None)
+    assert_rel_err(eye, want[..., 12 : 12 + E], 1e-5, "eye totals")
+    monkeypatch.setitem(triton_performer._CFG, "kv_seg", False)  # the one-hot kernel agrees
+    assert_rel_err(performer_kv_triton(k, v, proj, E, L, pos0, valid), want, 1e-5)
+
+
+def test_performer_causal_eye_totals_by_segments(small_tiles):
+    """A causal prefill whose eye columns span 16 positions each and whose first query sits at 16: the eye totals go
+    through the segment-sum kernel."""
+    q, k, v, proj, state0, ln_w, ln_b, valid = make_causal(1, 2, 1, 37, 16, 20, 4, with_state=True, with_valid=True,
+                                                          pos0=16, L=64)
+    args = (q, k, v, proj, state0, ln_w, ln_b, 1e-5, 4, 64, 16)  # L = 64 positions, E = 4: spans of 16
+    assert triton_performer._seg_block_s(4, 64, 16, 37, (16, 20), 16) == 16
+    out, state = performer_causal_triton(*args, key_valid=valid)
+    ref, ref_state = performer_causal_ref(*args, key_valid=valid, chunk=7)
+    assert_rel_err(out, ref, 1e-5, "x")
+    assert_rel_err(state, ref_state, 1e-5, "state")
+
+
 def test_performer_causal_rejects_bad_shapes(small_tiles):
     q, k, v, proj, state0, ln_w, ln_b, valid = make_causal(1, 2, 2, 5, 8, 10, 4)
     args = (ln_w, ln_b, 1e-5, 4, 16, 0)
@@ -269,9 +303,12 @@ def test_performer_causal_gpu_real_shapes(heads, dt):
 
 
 @real_shapes
-def test_performer_kv_gpu_real_shapes(heads, dt):
-    _, k, v, proj, *_ = make_causal(1, heads[0], heads[1], 16387, 64, 266, 128, dtype=DTYPES[dt], seed=heads[0],
+@pytest.mark.parametrize("S", [16387, 16384], ids=["one-hot", "segments"])
+def test_performer_kv_gpu_real_shapes(heads, dt, S):
+    """S = 16387: the eye by the one-hot product; S = 16384 (spans of 128 keys): by segment sums."""
+    _, k, v, proj, *_ = make_causal(1, heads[0], heads[1], S, 64, 266, 128, dtype=DTYPES[dt], seed=heads[0],
                                     with_valid=False)
-    kv = performer_kv_triton(k, v, proj, 128, 16387)
-    exact = performer_kv_ref(k.double(), v.double(), proj.double(), 128, 16387)
-    assert_close_to_ref(kv, performer_kv_ref(k, v, proj, 128, 16387), exact, what=f"{dt} keys' state")
+    assert (triton_performer._seg_block_s(128, S, 0, S, (0, 193), 64) is None) == (S == 16387)
+    kv = performer_kv_triton(k, v, proj, 128, S)
+    exact = performer_kv_ref(k.double(), v.double(), proj.double(), 128, S)
+    assert_close_to_ref(kv, performer_kv_ref(k, v, proj, 128, S), exact, what=f"{dt} keys' state")
