@@ -25,7 +25,7 @@ _CFG = {"mix_block_t": 64, "mix_warps": 4}
 @triton.jit
 def _mix_output_fwd_kernel(
     Sparse, Mix, Gain, Num, Cnt, Out,
-    T, stride_nb, stride_nh, stride_nt,
+    T, stride_nb, stride_nh, stride_nt, stride_nd,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HAS_CNT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -41,7 +41,8 @@ def _mix_output_fwd_kernel(
     sp = tl.load(Sparse + grow[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
     mix = tl.load(Mix + grow, mask=rmask, other=0.0)
     gain = tl.load(Gain + grow, mask=rmask, other=0.0)
-    avg = tl.load(Num + b * stride_nb + hk * stride_nh + rows[:, None] * stride_nt + d[None, :], mask=m2, other=0.0)
+    avg = tl.load(Num + b * stride_nb + hk * stride_nh + rows[:, None] * stride_nt + d[None, :] * stride_nd, mask=m2,
+                  other=0.0)
     if HAS_CNT:
         avg = avg / tl.maximum(tl.load(Cnt + b * T + rows, mask=rmask, other=1.0), 1.0)[:, None]
     out = (mix * gain)[:, None] * sp + (1.0 - mix)[:, None] * avg
@@ -64,9 +65,7 @@ def mix_output_triton(sparse, mix, gain, num, cnt, group: int, dtype):
         raise ValueError(f"cnt must be (B, T) = {(B, T)}, got {tuple(cnt.shape)}")
     sparse = sparse.contiguous()
     f32 = (lambda t: t.to(torch.float32).contiguous())
-    mix, gain, num = f32(mix), f32(gain), num.to(torch.float32)
-    if num.stride(3) != 1:
-        num = num.contiguous()
+    mix, gain, num = f32(mix), f32(gain), num.to(torch.float32)  # num: any strides (a transposed scan's view)
     out = torch.empty(B, H, T, D, device=sparse.device, dtype=dtype)
     if out.numel() == 0:
         return out
@@ -74,6 +73,7 @@ def mix_output_triton(sparse, mix, gain, num, cnt, group: int, dtype):
     _mix_output_fwd_kernel[(triton.cdiv(T, bt), B * H)](
         Sparse=sparse, Mix=mix, Gain=gain, Num=num, Cnt=f32(cnt) if cnt is not None else mix, Out=out,
         T=T, stride_nb=num.stride(0), stride_nh=num.stride(1), stride_nt=num.stride(2) if num.shape[2] > 1 else 0,
+        stride_nd=num.stride(3),
         H=H, G=group, D=D, HAS_CNT=cnt is not None, BLOCK_T=bt, BLOCK_D=max(16, triton.next_power_of_2(D)),
         num_warps=_CFG["mix_warps"],
     )

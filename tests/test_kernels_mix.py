@@ -47,6 +47,10 @@ def test_mix_reads_an_expanded_average_and_rejects_bad_shapes():
     wide = num.expand(1, 2, 9, 8)  # a T-stride-0 view of one average per head
     torch.testing.assert_close(mix_output_triton(sparse, mix, gain, wide, None, 1, torch.float32),
                                mix_output_ref(sparse, mix, gain, num, None, 1, torch.float32))
+    causal = make(1, 4, 9, 8, 2, True, torch.float32)
+    num_t = causal[3].transpose(2, 3).contiguous().transpose(2, 3)  # T-stride 1, D-stride T: a transposed scan's view
+    torch.testing.assert_close(mix_output_triton(*causal[:3], num_t, *causal[4:], torch.float32),
+                               mix_output_ref(*causal, torch.float32))
     with pytest.raises(ValueError, match="num must be"):
         mix_output_triton(sparse, mix, gain, num[:, :1], None, 1, torch.float32)
     with pytest.raises(ValueError, match="mix must be"):
@@ -62,3 +66,18 @@ def test_mix_gpu_real_shapes(causal):
     args = make(1, 9, 16387, 64, 3 if causal else 1, causal, torch.float16, seed=1)
     torch.testing.assert_close(mix_output_triton(*args, torch.float16).float(),
                                mix_output_ref(*args, torch.float16).float(), rtol=1e-3, atol=1e-3)
+
+
+@gpu
+@pytest.mark.gpu
+def test_causal_average_shortcut_equals_general_path():
+    """A whole causal prefill without padding takes a shortcut on the GPU (no prior keys, no mask): the same
+    average as the general path, which an all-valid mask takes."""
+    from sea_edge.attention import average_context
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(1, 3, 4097, 64, generator=g).half().cuda()
+    probs = torch.rand(1, 9, 4097, 8, device="cuda")
+    fast = average_context(v, probs, None, True, 9)
+    slow = average_context(v, probs, torch.ones(1, 4097, dtype=torch.bool, device="cuda"), True, 9)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
