@@ -34,8 +34,7 @@ __all__ = ["column_scores_triton"]
 
 
 # BLOCK_M 64: 63.6 ms causal layer at T = 65536 vs 67.3 at 32 and 73.1 at 16 (H100, results/sweep_layer_h100_2026-12-06.json)
-_CFG = {"scores_block_m": 64, "scores_stages": 3, "scores_warps": 4,
-        "scores_group": None}  # boundaries per step in (NB x D) P loads and (BLOCK_M x NB) stores; None: one
+_CFG = {"scores_block_m": 64, "scores_stages": 3, "scores_warps": 4}
 
 
 @triton.jit
@@ -80,56 +79,6 @@ def _scores_steps(j_lo, j_hi, u_prev, b_prev, c_prev, q, qf, L, L0, p_base, k_ba
 
 
 @triton.jit
-def _scores_group_steps(g_lo, g_hi, u_prev, b_prev, c_prev, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask,
-                        S, scale, stride_ps, stride_ks, stride_cb, stride_vb,
-                        K: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr, WIN: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
-                        STAGES: tl.constexpr):
-    """_scores_steps in groups of NB boundaries (groups g_lo .. g_hi - 1: boundaries g NB + 1 .. g NB + NB, those past
-    K masked): the group's P rows are one (NB x D) load and q . P one fp32 product, and the group's scores one
-    (BLOCK_M x NB) store, instead of NB row loads, NB (BLOCK_M x D) reductions and NB strided column stores."""
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    win = tl.arange(0, WIN)
-    ii = tl.arange(0, NB)
-    for g in tl.range(g_lo, g_hi, num_stages=STAGES):
-        jj = g * NB + 1 + ii  # (NB,) boundary jj ends column jj - 1
-        jmask = jj <= K
-        pg = tl.load(p_base + ((jj * L0) // K)[:, None] * stride_ps + d[None, :], mask=jmask[:, None] & dmask[None, :],
-                     other=0.0)  # (NB, BLOCK_D) fp32 P rows at the tile's first row's boundaries
-        qp = tl.dot(qf, tl.trans(pg), input_precision="ieee")  # (BLOCK_M, NB): P is large, no TF32 rounding
-        out = tl.zeros([BLOCK_M, NB], dtype=tl.float32)
-        for i in tl.static_range(NB):
-            j = g * NB + 1 + i
-            lo = (j * L0) // K
-            bj = (j * L) // K  # (BLOCK_M,)
-            s = lo + win  # (WIN,) the keys after lo_j
-            smask = s < S
-            kw = tl.load(k_base + s[:, None] * stride_ks + d[None, :], mask=smask[:, None] & dmask[None, :],
-                         other=0.0)  # (WIN, BLOCK_D)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(kw), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(kw))  # (BLOCK_M rows, WIN keys) fp32
-            keep = s[None, :] < bj[:, None]
-            if HAS_VALID:
-                keep &= (tl.load(Valid + b * stride_vb + s, mask=smask, other=0) != 0)[None, :]
-            u = tl.sum(tl.where(ii[None, :] == i, qp, 0.0), axis=1) + tl.sum(tl.where(keep, qk, 0.0), axis=1)
-            if HAS_VALID:
-                cb = tl.load(C + b * stride_cb + tl.minimum(bj, S), mask=rmask, other=0)  # past K: unused, in range
-                n = cb - c_prev
-                c_prev = cb
-            else:
-                n = (bj - b_prev).to(tl.int64)
-            score = tl.where(n > 0, (u - u_prev) * scale / tl.maximum(n, 1).to(tl.float32), 0.0)
-            out = tl.where(ii[None, :] == i, score[:, None], out)
-            u_prev = u
-            b_prev = bj
-        tl.store(o_base[:, None] + (jj - 1)[None, :], out, mask=rmask[:, None] & jmask[None, :])
-    return u_prev, b_prev, c_prev
-
-
-@triton.jit
 def _column_scores_fwd_kernel(
     Q, Kk, P, C, Valid, Out,
     T, S, scale, J1, J2,
@@ -141,7 +90,6 @@ def _column_scores_fwd_kernel(
     K: tl.constexpr, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     HAS_VALID: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, WIN1: tl.constexpr, WIN2: tl.constexpr,
-    NB: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -165,26 +113,15 @@ def _column_scores_fwd_kernel(
     cp = tl.zeros([BLOCK_M], dtype=tl.int64)
     # Boundary j moves by at most floor(j (BLOCK_M - 1) / K) + 1 keys over the tile: the first boundaries need
     # narrower key windows (WIN1 up to J1, WIN2 up to J2, BLOCK_M after), so fewer products run on tensor cores
-    if NB > 0:  # J1, J2 count groups of NB boundaries here
-        u, bp, cp = _scores_group_steps(0, J1, u, bp, cp, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask, S,
-                                        scale, stride_ps, stride_ks, stride_cb, stride_vb,
-                                        K, HAS_VALID, IEEE, WIN1, BLOCK_M, BLOCK_D, D, NB, STAGES)
-        u, bp, cp = _scores_group_steps(J1, J2, u, bp, cp, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask, S,
-                                        scale, stride_ps, stride_ks, stride_cb, stride_vb,
-                                        K, HAS_VALID, IEEE, WIN2, BLOCK_M, BLOCK_D, D, NB, STAGES)
-        _scores_group_steps(J2, (K + NB - 1) // NB, u, bp, cp, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b,
-                            rmask, S, scale, stride_ps, stride_ks, stride_cb, stride_vb,
-                            K, HAS_VALID, IEEE, BLOCK_M, BLOCK_M, BLOCK_D, D, NB, STAGES)
-    else:
-        u, bp, cp = _scores_steps(1, J1 + 1, u, bp, cp, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask, S,
-                                  scale, stride_ps, stride_ks, stride_cb, stride_vb,
-                                  K, HAS_VALID, IEEE, WIN1, BLOCK_D, D, STAGES)
-        u, bp, cp = _scores_steps(J1 + 1, J2 + 1, u, bp, cp, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b,
-                                  rmask, S, scale, stride_ps, stride_ks, stride_cb, stride_vb,
-                                  K, HAS_VALID, IEEE, WIN2, BLOCK_D, D, STAGES)
-        _scores_steps(J2 + 1, K + 1, u, bp, cp, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask, S,
-                      scale, stride_ps, stride_ks, stride_cb, stride_vb,
-                      K, HAS_VALID, IEEE, BLOCK_M, BLOCK_D, D, STAGES)
+    u, bp, cp = _scores_steps(1, J1 + 1, u, bp, cp, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask, S,
+                              scale, stride_ps, stride_ks, stride_cb, stride_vb,
+                              K, HAS_VALID, IEEE, WIN1, BLOCK_D, D, STAGES)
+    u, bp, cp = _scores_steps(J1 + 1, J2 + 1, u, bp, cp, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask,
+                              S, scale, stride_ps, stride_ks, stride_cb, stride_vb,
+                              K, HAS_VALID, IEEE, WIN2, BLOCK_D, D, STAGES)
+    _scores_steps(J2 + 1, K + 1, u, bp, cp, q, qf, L, L0, p_base, k_base, o_base, C, Valid, b, rmask, S,
+                  scale, stride_ps, stride_ks, stride_cb, stride_vb,
+                  K, HAS_VALID, IEEE, BLOCK_M, BLOCK_D, D, STAGES)
 
 
 def _last_boundary(win: int, bm: int, K: int) -> int:
@@ -200,13 +137,11 @@ def _column_scores_fwd(q, k, P, C, key_valid, K: int, scale: float):
     q, k = q.contiguous(), k.to(q.dtype).contiguous()
     bm = _CFG["scores_block_m"]
     win1, win2 = max(16, bm // 4), max(16, bm // 2)  # tl.dot needs 16 keys at least
-    j1, j2 = _last_boundary(win1, bm, K), _last_boundary(win2, bm, K)
-    nb = _CFG["scores_group"] or 0  # boundaries per step (0: one); in groups, a range ends at a whole group
     valid = key_valid.contiguous().view(torch.uint8) if key_valid is not None else None
     grid = (triton.cdiv(T, bm), B * H)
     _column_scores_fwd_kernel[grid](
         Q=q, Kk=k, P=P, C=C if C is not None else P, Valid=valid if valid is not None else P, Out=out,
-        T=T, S=S, scale=float(scale), J1=j1 // max(nb, 1), J2=j2 // max(nb, 1),
+        T=T, S=S, scale=float(scale), J1=_last_boundary(win1, bm, K), J2=_last_boundary(win2, bm, K),
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_ks=k.stride(2),
         stride_pb=P.stride(0), stride_ph=P.stride(1), stride_ps=P.stride(2),
@@ -214,7 +149,7 @@ def _column_scores_fwd(q, k, P, C, key_valid, K: int, scale: float):
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_ot=out.stride(2),
         K=K, H=H, G=H // P.shape[1], D=D, HAS_VALID=C is not None, IEEE=q.dtype == torch.float32,
         WIDE=K * (S + bm) >= 2**31, BLOCK_M=bm, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        STAGES=_CFG["scores_stages"], WIN1=win1, WIN2=win2, NB=nb, num_warps=_CFG["scores_warps"],
+        STAGES=_CFG["scores_stages"], WIN1=win1, WIN2=win2, num_warps=_CFG["scores_warps"],
     )
     return out
 

@@ -91,18 +91,16 @@ def test_triton_matches_reference(case):
     assert_rel_err(out, column_scores_ref(q, k, K, causal, 0.3, key_valid), 1e-5)
 
 
-@pytest.mark.parametrize("group", [None, 16], ids=["", "groups16"])
 @pytest.mark.parametrize("block_m", [16, 64], ids=["tile16", "tile64"])
 @pytest.mark.parametrize("pad", [False, True], ids=["", "pad"])
 @pytest.mark.parametrize("K", [3, 8, 32])
-def test_triton_causal_tiles(monkeypatch, K, pad, block_m, group):
+def test_triton_causal_tiles(monkeypatch, K, pad, block_m):
     """Several row tiles of 16 (the kernel's window over each boundary's moves inside a tile), or tiles of 64 whose
     first boundaries take windows of 16 and 32 keys; K not a power of two and K above the tile, GQA, odd D, the
     last 70 of 90 positions."""
     from sea_edge.kernels import triton_column_scores
 
     monkeypatch.setitem(triton_column_scores._CFG, "scores_block_m", block_m)
-    monkeypatch.setitem(triton_column_scores._CFG, "scores_group", group)  # 16 boundaries per step, K = 3: one short
     g = torch.Generator(DEV).manual_seed(K)
     q, k, key_valid = make_inputs(2, 4, 2, 70, 90, 20, torch.float32, g, pad)
     out = column_scores_triton(q, k, K, True, 0.3, key_valid)
@@ -155,11 +153,7 @@ GPU_CASES = [(1, 12, 12, 4096, 256, True), (1, 9, 3, 8191, 256, True), (2, 9, 3,
 @pytest.mark.parametrize("dt", list(DT))
 @pytest.mark.parametrize("case", GPU_CASES, ids=[f"B{c[0]}-H{c[1]}/{c[2]}-T{c[3]}-K{c[4]}-{'causal' if c[5] else 'bidir'}"
                                                  for c in GPU_CASES])
-@pytest.mark.parametrize("group", [None, 16], ids=["", "groups16"])
-def test_gpu_real_shapes(case, dt, group, monkeypatch):
-    from sea_edge.kernels import triton_column_scores
-
-    monkeypatch.setitem(triton_column_scores._CFG, "scores_group", group)
+def test_gpu_real_shapes(case, dt):
     B, Hq, Hkv, T, K, causal = case
     g = torch.Generator(DEV).manual_seed(5)
     q, k, key_valid = make_inputs(B, Hq, Hkv, T, T, 64, DT[dt], g, pad=B > 1)
