@@ -35,7 +35,9 @@ from .reference import PERFORMER_CLAMP
 
 __all__ = ["performer_causal_triton", "performer_kv_triton", "performer_query_triton"]
 
-_CFG = {"performer_block_t": 32, "performer_block_f": 32, "performer_warps": 4,  # sea_edge.bench_layer --sweep
+# performer_block_t 64: the bidirectional layer at 64k (12/12) 12.02 vs 12.68 ms at 32 (rows per program: kv is read
+# from L2 once per program; H100, 2026-12-07)
+_CFG = {"performer_block_t": 64, "performer_block_f": 32, "performer_warps": 4,  # sea_edge.bench_layer --sweep
         # causal: the tile as the chunk (one pass over the features for states and diagonal), 8 warps for the
         # (64 x E) eye accumulator. Layer, H100, against chunk 128 / tile 32 / 4 warps: 33.8 vs 35.1 ms (64k, 12/12),
         # 22.6 vs 23.5 (64k, 9/3), 10.5 vs 11.2 (16k, 12/12), 7.95 vs 8.28 (16k, 9/3)
