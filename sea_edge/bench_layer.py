@@ -332,14 +332,15 @@ def _plot(rows, path, meta):
             ax.text(0.5, 0.5, f"no {label} measured on this device", ha="center", transform=ax.transAxes)
             continue
         groups = sorted({(r["H"], r["Hkv"], r["causal"], r["k"]) for r in rows})
-        for H, Hkv, causal, k in groups:
+        for gi, (H, Hkv, causal, k) in enumerate(groups):  # one colour per configuration
             sel = [r for r in rows if (r["H"], r["Hkv"], r["causal"], r["k"]) == (H, Hkv, causal, k)]
-            name = f"H{H}/{Hkv} {'causal' if causal else 'bidir'}"
-            ax.plot([r["T"] for r in sel], [r[f"sea_{key}"] for r in sel], "o-", label=f"SEA k={k} {name}")
+            name, c = f"H{H}/{Hkv} {'causal' if causal else 'bidir'}", f"C{gi}"
+            ax.plot([r["T"] for r in sel], [r[f"sea_{key}"] for r in sel], "o-", color=c, label=f"SEA k={k} {name}")
             if key == "ms" and any(math.isfinite(r.get("sea_graph_ms", math.nan)) for r in sel):
-                ax.plot([r["T"] for r in sel], [r["sea_graph_ms"] for r in sel], "s:",
+                ax.plot([r["T"] for r in sel], [r["sea_graph_ms"] for r in sel], "s:", color=c,
                         label=f"SEA k={k} {name}, CUDA graph")
-            ax.plot([r["T"] for r in sel], [r[f"flash_{key}"] for r in sel], "x--", label=f"SDPA flash {name}")
+            ax.plot([r["T"] for r in sel], [r[f"flash_{key}"] for r in sel], "x--", color=c, alpha=0.6,
+                    label=f"SDPA flash {name}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("T (tokens)")
