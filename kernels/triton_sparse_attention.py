@@ -40,7 +40,7 @@ BLOCK_N = 64  # keys per block: the per-(row, block) mask is one int64
 _CFG = {"fwd_warps": None, "fwd_stages": 3, "plan_ch": None, "plan_warps": 4, "plan_flags": False,
         "cols_plan_warps": 1,
         # forward from kept columns: merge each tile's spans inside the attention kernel (no plan, no host sync)
-        "cols_fused": True, "cols_fused_warps": 4}
+        "cols_fused": True, "cols_fused_warps": 4, "cols_fused_block_m": 64}
 
 
 @triton.jit
@@ -633,15 +633,19 @@ def _sparse_attention_cols_fwd(q, k, v, cols, K: int, causal: bool, scale: float
 
 
 def sparse_attention_cols_triton(q, k, v, cols, K: int, causal: bool, scale: float, key_valid=None,
-                                 plan: SparsePlan | None = None, block_m: int = 64, return_lse: bool = False):
+                                 plan: SparsePlan | None = None, block_m: int | None = None,
+                                 return_lse: bool = False):
     """Sparse attention over the keys that kept compressed columns stand for: equal to
     `sparse_attention_triton(q, k, v, expand_columns_ref(cols, K, S, causal, key_valid), scale)`, with the block plan
     built from cols (B, Hq, T, c) directly (sparse_attention_cols_plan): the (B, Hq, T, c * S / K) idx is never
-    written or read. key_valid (B, S) bool or None."""
+    written or read. key_valid (B, S) bool or None. block_m: query rows per tile (None: the launch setting
+    cols_fused_block_m for the fused forward, 64 with a plan)."""
     q, k, v, cols = _prep(q, k, v, cols)
     if plan is None and _CFG["cols_fused"]:
-        out, lse = _sparse_attention_cols_fwd(q, k, v, cols, K, causal, float(scale), key_valid, block_m)
+        bm = block_m or _CFG["cols_fused_block_m"]
+        out, lse = _sparse_attention_cols_fwd(q, k, v, cols, K, causal, float(scale), key_valid, bm)
     else:
+        block_m = block_m or 64
         if plan is None:
             plan = _cols_plan(q, k, cols, K, causal, key_valid, block_m)
         out, lse = _sparse_attention_fwd(q, k, v, plan, float(scale))
