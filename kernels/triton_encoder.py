@@ -1,7 +1,8 @@
 """Triton kernel of a SEA estimator's encoder MLP, its decoder's input rows and its output-mix scalars, in one pass
 over the normalised encoder input (reference.encoder_ref):
 
-    feat = W2 GELU(W1 x + b1) + b2 + head_embed[h];  img = W_rows feat + b_rows;  mix, gain = sigmoid(W_mix feat + b_mix)
+    feat = W2 GELU(W1 x + b1) + b2 + head_embed[h]
+    img = W_rows feat + b_rows;  mix, gain = sigmoid(W_mix feat + b_mix)
 
 Layout: x (B, H, T, F) fp32 with F = 2D + E (performer_query_triton / performer_causal_triton write it), Wd = 2D the
 encoder width, N = C K / r the decoder's input row; img (B, H, T, N), mix and gain (B, H, T), fp32.

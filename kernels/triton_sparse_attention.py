@@ -222,6 +222,29 @@ def _span_at(row_ptr, p, c, L, K, live):
 
 
 @triton.jit
+def _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM: tl.constexpr):
+    """Each row's key mask inside the block [lo, hi) (BM,) int64, walking its sorted spans: a span shorter than the
+    block adds several runs, and a row moves on to its next column once its span ends in the block. Returns
+    (mask, pos, end, p): the next uncovered key, its span's end and column slot per row."""
+    mask = tl.zeros([BM], tl.int64)
+    act = pos < hi
+    while tl.max(act.to(tl.int32), 0) > 0:
+        a = tl.maximum(pos, lo)
+        z = tl.minimum(end, hi)
+        ln = tl.maximum(z - a, 1)
+        # ln in [1, 64]: 2 << (ln - 1) wraps to 0 at ln = 64, so (2 << (ln - 1)) - 1 is then all ones
+        run = ((tl.full([BM], 2, tl.int64) << (ln - 1)) - 1) << (a - lo)
+        mask |= tl.where(act & (z > a), run, 0)
+        done = act & (end <= hi)  # the span ends in this block: the row moves on to its next column
+        p = tl.where(done, p + 1, p)
+        n_pos, n_end = _span_at(row_ptr, p, c, L, K, done)
+        pos = tl.where(done, n_pos, tl.where(act, hi, pos))
+        end = tl.where(done, n_end, end)
+        act = pos < hi
+    return mask, pos, end, p
+
+
+@triton.jit
 def _sparse_attention_cols_plan_kernel(
     cols_ptr, kvb_ptr, blk_ptr, bits_ptr, cnt_ptr,
     T, S, K, Hq, c, n_tiles, n_kblocks, cap,
@@ -256,21 +279,7 @@ def _sparse_attention_cols_plan_kernel(
     while nb < n_kblocks:
         lo = nb * BN
         hi = lo + BN
-        mask = tl.zeros([BM], tl.int64)
-        act = pos < hi
-        while tl.max(act.to(tl.int32), 0) > 0:
-            a = tl.maximum(pos, lo)
-            z = tl.minimum(end, hi)
-            ln = tl.maximum(z - a, 1)
-            # ln in [1, 64]: 2 << (ln - 1) wraps to 0 at ln = 64, so (2 << (ln - 1)) - 1 is then all ones
-            run = ((tl.full([BM], 2, tl.int64) << (ln - 1)) - 1) << (a - lo)
-            mask |= tl.where(act & (z > a), run, 0)
-            done = act & (end <= hi)  # the span ends in this block: the row moves on to its next column
-            p = tl.where(done, p + 1, p)
-            n_pos, n_end = _span_at(row_ptr, p, c, L, K, done)
-            pos = tl.where(done, n_pos, tl.where(act, hi, pos))
-            end = tl.where(done, n_end, end)
-            act = pos < hi
+        mask, pos, end, p = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM)
         if HAS_KV:  # padding keys: one packed int64 of key_valid bits per (batch, key block)
             mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
         if tl.max((mask != 0).to(tl.int32), 0) > 0:
@@ -337,6 +346,42 @@ def sparse_attention_plan(idx: torch.Tensor, S: int, block_m: int = 64) -> Spars
 
 
 @triton.jit
+def _attend_block(q, k_ptr, v_ptr, kv_base, nb, bits, m_i, l_i, acc, S, qk_scale,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step of the forward over key block nb, each row keeping the keys of its bitmask bits (BM,)
+    int64: (BM x BN x D) products on tensor cores. Returns the updated (m_i, l_i, acc). A row whose mask is 0 stays
+    exactly as it was (p = 0, alpha = 1, or all zero while it has no key yet)."""
+    d = tl.arange(0, BLOCK_D)
+    nb_cols = tl.arange(0, BN)
+    keys = nb * BN + nb_cols  # (BN,)
+    kv_off = kv_base + keys[:, None].to(tl.int64) * D + d[None, :]
+    kvm = (keys < S)[:, None] & (d < D)[None, :]
+    kb = tl.load(k_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
+    vb = tl.load(v_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
+    keep = ((bits[:, None] >> nb_cols[None, :].to(tl.int64)) & 1) != 0  # (BM, BN)
+    s = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale  # (BM, BN), log2 units
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet: exp2(-inf) = 0
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_out(acc, l_i, m_i, o_ptr, lse_ptr, q_off, bh, T, rows, rmask, dmask):
+    """out = acc / l and the row logsumexp (log2 units); a row with no key: zeros out, lse = +inf so that the
+    backward's exp2(s - lse) = 0."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(o_ptr + q_off, out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(lse_ptr + bh.to(tl.int64) * T + rows, lse, mask=rmask)
+
+
+@triton.jit
 def _sparse_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, blk_ptr, bits_ptr, cnt_ptr,
     qk_scale, T, S, Hq, group, n_tiles, cap,
@@ -350,7 +395,6 @@ def _sparse_attention_fwd_kernel(
     rmask = rows < T
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    nb_cols = tl.arange(0, BN)
     q_off = (bh.to(tl.int64) * T + rows[:, None]) * D + d[None, :]
     q = tl.load(q_ptr + q_off, mask=rmask[:, None] & dmask[None, :], other=0.0)  # (BM, BLOCK_D)
     kv_base = (b.to(tl.int64) * (Hq // group) + hk) * S * D
@@ -361,28 +405,10 @@ def _sparse_attention_fwd_kernel(
     base = (bh.to(tl.int64) * n_tiles + tile) * cap
     for u in range(n_u):
         nb = tl.load(blk_ptr + base + u)
-        keys = nb * BN + nb_cols  # (BN,)
-        kmask = keys < S
-        kv_off = kv_base + keys[:, None].to(tl.int64) * D + d[None, :]
-        kvm = kmask[:, None] & dmask[None, :]
-        kb = tl.load(k_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
-        vb = tl.load(v_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
         bits = tl.load(bits_ptr + (base + u) * BM + tl.arange(0, BM))  # (BM,) int64
-        keep = ((bits[:, None] >> nb_cols[None, :].to(tl.int64)) & 1) != 0  # (BM, BN)
-        s = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale  # (BM, BN), log2 units
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet: exp2(-inf) = 0
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
-        m_i = m_new
-    empty = l_i == 0.0  # row with no key: zeros out, lse = +inf so that backward's exp2(s - lse) = 0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(o_ptr + q_off, out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
-    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(lse_ptr + bh.to(tl.int64) * T + rows, lse, mask=rmask)
+        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, bits, m_i, l_i, acc, S, qk_scale,
+                                      D, BLOCK_D, BN, PREC)
+    _store_out(acc, l_i, m_i, o_ptr, lse_ptr, q_off, bh, T, rows, rmask, dmask)
 
 
 @triton.jit
@@ -405,7 +431,6 @@ def _sparse_attention_cols_fwd_kernel(
     live = rows < T
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    nb_cols = tl.arange(0, BN)
     q_off = (bh.to(tl.int64) * T + rows[:, None]) * D + d[None, :]
     q = tl.load(q_ptr + q_off, mask=live[:, None] & dmask[None, :], other=0.0)  # (BM, BLOCK_D)
     kv_base = (b.to(tl.int64) * (Hq // group) + hk) * S * D
@@ -423,45 +448,14 @@ def _sparse_attention_cols_fwd_kernel(
     while nb < n_kblocks:
         lo = nb * BN
         hi = lo + BN
-        mask = tl.zeros([BM], tl.int64)
-        act = pos < hi
-        while tl.max(act.to(tl.int32), 0) > 0:  # as in _sparse_attention_cols_plan_kernel
-            a = tl.maximum(pos, lo)
-            z = tl.minimum(end, hi)
-            ln = tl.maximum(z - a, 1)
-            run = ((tl.full([BM], 2, tl.int64) << (ln - 1)) - 1) << (a - lo)
-            mask |= tl.where(act & (z > a), run, 0)
-            done = act & (end <= hi)
-            p = tl.where(done, p + 1, p)
-            n_pos, n_end = _span_at(row_ptr, p, c, L, K, done)
-            pos = tl.where(done, n_pos, tl.where(act, hi, pos))
-            end = tl.where(done, n_end, end)
-            act = pos < hi
+        mask, pos, end, p = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM)
         if HAS_KV:
             mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
-        # a block whose masks are all 0 (only padding keys) changes nothing below: p = 0 and alpha = 1 exactly
-        keys = nb * BN + nb_cols
-        kmask = keys < S
-        kv_off = kv_base + keys[:, None].to(tl.int64) * D + d[None, :]
-        kvm = kmask[:, None] & dmask[None, :]
-        kb = tl.load(k_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
-        vb = tl.load(v_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
-        keep = ((mask[:, None] >> nb_cols[None, :].to(tl.int64)) & 1) != 0  # (BM, BN)
-        s = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale  # (BM, BN), log2 units
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb, input_precision=PREC)
-        m_i = m_new
+        # a block whose masks are all 0 (only padding keys) changes no row (_attend_block), as the plan drops it
+        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, mask, m_i, l_i, acc, S, qk_scale,
+                                      D, BLOCK_D, BN, PREC)
         nb = tl.min(pos // BN, 0)
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(o_ptr + q_off, out.to(o_ptr.dtype.element_ty), mask=live[:, None] & dmask[None, :])
-    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(lse_ptr + bh.to(tl.int64) * T + rows, lse, mask=live)
+    _store_out(acc, l_i, m_i, o_ptr, lse_ptr, q_off, bh, T, rows, live, dmask)
 
 
 @triton.jit

@@ -276,9 +276,9 @@ def main(argv=None) -> int:
                                             autocast=args.autocast and dev == "cuda"))
                     r = rows[-1]
                     print(f"H{H}/{Hkv} {'causal' if causal else 'bidir '} k={k:<5} T={T:<6} SEA {r['sea_ms']:8.2f} ms "
-                          f"(graph {r['sea_graph_ms']:7.2f}) {r['sea_peak_mib']:8.0f} MiB | flash {r['flash_ms']:8.2f} ms "
-                          f"{r['flash_peak_mib']:8.0f} MiB | speedup {r['speedup']:5.2f}x (graph "
-                          f"{r['speedup_graph']:5.2f}x)", flush=True)
+                          f"(graph {r['sea_graph_ms']:7.2f}) {r['sea_peak_mib']:8.0f} MiB | flash "
+                          f"{r['flash_ms']:8.2f} ms {r['flash_peak_mib']:8.0f} MiB | speedup {r['speedup']:5.2f}x "
+                          f"(graph {r['speedup_graph']:5.2f}x)", flush=True)
                     if dev == "cuda":
                         torch.cuda.empty_cache()
     meta = _write_rows(args.out / "bench_layer.json", rows, dev, dtype)
