@@ -49,6 +49,7 @@ __all__ = [
     "performer_kv_ref",
     "encoder_ref",
     "mix_output_ref",
+    "average_from_parts",
 ]
 
 
@@ -514,7 +515,14 @@ def mix_output_ref(sparse, mix, gain, num, cnt, group: int, dtype):
 
     sparse (B, H, T, D); mix, gain (B, H, T, 1); num (B, H / group, T or 1, D) fp32 (T-stride 0 allowed: one
     average per head); cnt (B, T) or None (no division)."""
+    avg = average_from_parts(num, cnt, group, sparse.shape[1])
+    return (mix * gain * sparse.float() + (1.0 - mix) * avg).to(dtype)
+
+
+def average_from_parts(num, cnt, group: int, n_heads: int):
+    """The average context of each of n_heads query heads from its parts: num[:, h // group] / max(cnt, 1) (no
+    division without cnt). num (B, n_heads / group, T or 1, D), cnt (B, T) or None -> (B, n_heads, T or 1, D)."""
     avg = num if cnt is None else num / cnt.clamp(min=1)[:, None, :, None]
     if group > 1:
-        avg = avg[:, torch.arange(sparse.shape[1], device=avg.device) // group]
-    return (mix * gain * sparse.float() + (1.0 - mix) * avg).to(dtype)
+        avg = avg[:, torch.arange(n_heads, device=avg.device) // group]
+    return avg

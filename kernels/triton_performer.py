@@ -488,29 +488,34 @@ def _block_width(setting: int | None, n: int) -> int:
     return min(setting or triton.next_power_of_2(n), triton.next_power_of_2(n))
 
 
-def _chunk_states(k, v, proj, key_valid, E: int, L: int, pos0: int, chunk: int, buf, cols: tuple[int, int],
-                  block_w: int | None, launch: bool = True) -> dict:
-    """Launch _performer_chunk_state_kernel: buf[:, :, n + 1] = the state sum of keys [n chunk, (n + 1) chunk) over
-    the state columns cols = [w_lo, w_hi) of [v, eye, 1] (E = 0: [v, 1], cols (0, D)), in blocks of block_w columns
-    (None: all of them, padded). k, v contiguous, proj fp32 contiguous. Returns the launch arguments the query
-    kernel shares."""
-    B, Hkv, T, D = k.shape
-    M = proj.shape[0]
+def _state_args(k, v, proj, key_valid, E: int, L: int, pos0: int, chunk: int, buf, block_f: int) -> dict:
+    """The launch arguments the keys' state kernels (and the causal query kernel) share, for keys k, v (contiguous)
+    at positions pos0.., chunks of `chunk` keys and partial states written into buf (B, Hkv, n + 1, m, w)."""
+    T, D = k.shape[2], k.shape[3]
     valid = key_valid.contiguous().view(torch.uint8) if key_valid is not None else None
-    bf = _CFG["performer_block_f"]
-    common = dict(  # noqa: C408 (keyword names = the kernels' parameters)
-        T=T, M=M, L=int(L), pos0=int(pos0), q_scale=D**0.25, z_shift=0.5 * math.sqrt(D), clamp=PERFORMER_CLAMP,
+    return dict(  # noqa: C408 (keyword names = the kernels' parameters)
+        T=T, M=proj.shape[0], L=int(L), pos0=int(pos0), q_scale=D**0.25, z_shift=0.5 * math.sqrt(D), clamp=PERFORMER_CLAMP,
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_ks=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vs=v.stride(2),
         stride_valb=valid.stride(0) if valid is not None else 0,
         stride_bb=buf.stride(0), stride_bh=buf.stride(1), stride_bn=buf.stride(2), stride_bm=buf.stride(3),
-        D=D, E=int(E), HAS_VALID=valid is not None, CHUNK=chunk, BLOCK_F=bf,
+        D=D, E=int(E), HAS_VALID=valid is not None, CHUNK=chunk, BLOCK_F=block_f,
         BLOCK_D=max(16, triton.next_power_of_2(D)),
         IEEE=not (k.is_cuda and torch.backends.cuda.matmul.allow_tf32),  # as torch's own fp32 matmuls would
         Valid=valid if valid is not None else k,  # any pointer when there is no mask; never read
     )
-    if not launch:
-        return common
+
+
+def _chunk_states(k, v, proj, key_valid, E: int, L: int, pos0: int, chunk: int, buf, cols: tuple[int, int],
+                  block_w: int | None) -> dict:
+    """Launch _performer_chunk_state_kernel: buf[:, :, n + 1] = the state sum of keys [n chunk, (n + 1) chunk) over
+    the state columns cols = [w_lo, w_hi) of [v, eye, 1] (E = 0: [v, 1], cols (0, D)), in blocks of block_w columns
+    (None: all of them, padded). k, v contiguous, proj fp32 contiguous. Returns the launch arguments the query
+    kernel shares."""
+    B, Hkv = k.shape[:2]
+    M = proj.shape[0]
+    bf = _CFG["performer_block_f"]
+    common = _state_args(k, v, proj, key_valid, E, L, pos0, chunk, buf, bf)
     bw = _block_width(block_w, cols[1] - cols[0])
     _performer_chunk_state_kernel[(buf.shape[2] - 1, B * Hkv, triton.cdiv(M, bf) * triton.cdiv(cols[1] - cols[0], bw))](
         Kk=k, V=v, Proj=proj, Buf=buf, w_lo=cols[0], w_hi=cols[1], HKV=Hkv, BLOCK_S=_CFG["state_block_s"],
@@ -541,9 +546,8 @@ def _key_sums(k, v, proj, key_valid, E: int, L: int, pos0: int, cols: tuple[int,
         _chunk_states(k, v, proj, key_valid, E, L, pos0, chunk, buf, cols, block_w)
         return buf[:, :, 1:].sum(2)
     buf = torch.zeros(shape, device=k.device, dtype=torch.float32)  # a chunk stores only the eye columns it reaches
-    common = _chunk_states(k, v, proj, key_valid, E, L, pos0, chunk, buf, cols, block_w, launch=False)
     bf = _CFG["seg_block_f"]
-    common.update(BLOCK_F=bf, CHUNK=chunk)
+    common = _state_args(k, v, proj, key_valid, E, L, pos0, chunk, buf, bf)
     _performer_kv_seg_kernel[(shape[2] - 1, B * Hkv, triton.cdiv(proj.shape[0], bf))](
         Kk=k, V=v, Proj=proj, Buf=buf, w_lo=cols[0], HKV=Hkv, V_PART=cols[0] == 0, BLOCK_S=seg,
         num_warps=_CFG["seg_warps"], **common)

@@ -299,21 +299,28 @@ def _pack_key_valid(key_valid: torch.Tensor, n_kblocks: int) -> torch.Tensor:
     return (kv.view(B, n_kblocks, BLOCK_N) << shifts).sum(-1)  # distinct bits: the sum is the OR (wraps at bit 63)
 
 
+def _check_cols(cols, S: int, causal: bool, key_valid, block_m: int) -> None:
+    """ValueError naming the bad value unless cols is (B, H, T, c), block_m a tile height the kernels take, T <= S
+    when causal, and key_valid (B, S) or None."""
+    if cols.dim() != 4:
+        raise ValueError(f"cols must be (B, H, T, c), got shape {tuple(cols.shape)}")
+    if block_m not in (16, 32, 64, 128):
+        raise ValueError(f"block_m must be 16, 32, 64 or 128, got {block_m}")
+    B, T = cols.shape[0], cols.shape[2]
+    if causal and T > S:
+        raise ValueError(f"causal needs T <= S, got T={T}, S={S}")
+    if key_valid is not None and tuple(key_valid.shape) != (B, S):
+        raise ValueError(f"key_valid must be (B, S) = {(B, S)}, got {tuple(key_valid.shape)}")
+
+
 def sparse_attention_cols_plan(cols: torch.Tensor, K: int, S: int, causal: bool,
                                key_valid: torch.Tensor | None = None, block_m: int = 64) -> SparsePlan:
     """The block plan of the keys that kept compressed columns `cols` (B, H, T, c) stand for (spans of
     reference.column_spans, padding keys dropped): the plan `sparse_attention_plan` builds from
     `expand_columns_ref(cols, K, S, causal, key_valid)`, without ever writing idx. Two launches (count, then
     fill at the exact size) and one host sync."""
-    if cols.dim() != 4:
-        raise ValueError(f"cols must be (B, H, T, c), got shape {tuple(cols.shape)}")
-    if block_m not in (16, 32, 64, 128):
-        raise ValueError(f"block_m must be 16, 32, 64 or 128, got {block_m}")
+    _check_cols(cols, S, causal, key_valid, block_m)
     B, H, T, c = cols.shape
-    if causal and T > S:
-        raise ValueError(f"causal needs T <= S, got T={T}, S={S}")
-    if key_valid is not None and tuple(key_valid.shape) != (B, S):
-        raise ValueError(f"key_valid must be (B, S) = {(B, S)}, got {tuple(key_valid.shape)}")
     n_tiles = triton.cdiv(T, block_m)
     n_kblocks = triton.cdiv(S, BLOCK_N)
     cnt = torch.zeros(B * H, n_tiles, device=cols.device, dtype=torch.int32)
@@ -597,17 +604,11 @@ def _cols_plan(q, k, cols, K, causal, key_valid, block_m):
 
 
 def _sparse_attention_cols_fwd(q, k, v, cols, K: int, causal: bool, scale: float, key_valid, block_m: int):
-    """The forward straight from cols (`_sparse_attention_cols_fwd_kernel`): one launch, no plan, no host sync."""
-    if tuple(cols.shape[:3]) != tuple(q.shape[:3]) or cols.dim() != 4:
-        raise ValueError(f"cols {tuple(cols.shape)} must be (B, Hq, T, c) with q's (B, Hq, T) = {tuple(q.shape[:3])}")
-    if block_m not in (16, 32, 64, 128):
-        raise ValueError(f"block_m must be 16, 32, 64 or 128, got {block_m}")
+    """The forward straight from cols (`_sparse_attention_cols_fwd_kernel`): one launch, no plan, no host sync.
+    q, k, v, cols as _prep returns them (cols starts with q's (B, Hq, T))."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    if causal and T > S:
-        raise ValueError(f"causal needs T <= S, got T={T}, S={S}")
-    if key_valid is not None and tuple(key_valid.shape) != (B, S):
-        raise ValueError(f"key_valid must be (B, S) = {(B, S)}, got {tuple(key_valid.shape)}")
+    _check_cols(cols, S, causal, key_valid, block_m)
     c = cols.shape[3]
     out = torch.zeros_like(q) if c == 0 or S == 0 else torch.empty_like(q)
     lse = torch.full((B, Hq, T), float("inf"), device=q.device, dtype=torch.float32)

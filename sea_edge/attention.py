@@ -20,7 +20,7 @@ from sea_edge.kernels import (
     sparse_attention_cols,
     sparse_index_op,
 )
-from sea_edge.kernels.reference import cumsum_rows
+from sea_edge.kernels.reference import average_from_parts, cumsum_rows
 
 from .config import budget
 from .estimator import EstimatorOutput, SEAEstimator
@@ -64,10 +64,7 @@ def average_context(v, probs, key_valid, causal: bool, n_heads: int, col_mean=No
     v (B, Hkv, S, D); probs (B, H, T, K); key_valid (B, S) bool or None; col_mean (B, H, K) or None: probs' mean
     over T (NaN rows as 0) when the caller has it already. Returns (B, H, T, D), fp32.
     """
-    num, cnt, group = _average_parts(v, probs, key_valid, causal, n_heads, col_mean)
-    avg = num if cnt is None else num / cnt.clamp(min=1)[:, None, :, None]
-    if group > 1:
-        avg = avg[:, torch.arange(n_heads, device=v.device) // group]
+    avg = average_from_parts(*_average_parts(v, probs, key_valid, causal, n_heads, col_mean), n_heads)
     return avg.expand(v.shape[0], n_heads, probs.shape[2], v.shape[3])
 
 

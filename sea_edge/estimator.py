@@ -223,12 +223,12 @@ class SEAEstimator(nn.Module):
             img, self.conv1.weight, self.conv1.bias, self.norm.weight, self.norm.bias, self.conv2.weight,
             self.conv2.bias, self.causal, flat(rows1), flat(rows2), self.norm.eps, content, kw, selectable, H, **extra,
         )  # (B, H, T, K), -inf on unselectable columns (the softmax of that when fused)
-        out = EstimatorOutput(logits, mix.unsqueeze(-1), 2.0 * gain.unsqueeze(-1), feat)
-        if fused:
-            out.logits, out.probs = None, logits
-            out.col_mean = None if sums is None else sums.view(B, H, self.K) / T
-        elif probs:
-            out.probs = torch.softmax(logits, dim=-1)
+        if fused:  # what the decoder returned are the probabilities
+            logits, p_hat = None, logits
+        else:
+            p_hat = torch.softmax(logits, dim=-1) if probs else None
+        out = EstimatorOutput(logits, mix.unsqueeze(-1), 2.0 * gain.unsqueeze(-1), feat, probs=p_hat,
+                              col_mean=None if sums is None else sums.view(B, H, self.K) / T)
         if self.causal:
             out.state = (perf, rows1.reshape(B, H, self.C, 2, -1), rows2.reshape(B, H, self.C, 2, -1))
         return out
