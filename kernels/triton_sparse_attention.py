@@ -40,7 +40,9 @@ BLOCK_N = 64  # keys per block: the per-(row, block) mask is one int64
 _CFG = {"fwd_warps": None, "fwd_stages": 3, "plan_ch": None, "plan_warps": 4, "plan_flags": False,
         "cols_plan_warps": 1,
         # forward from kept columns: merge each tile's spans inside the attention kernel (no plan, no host sync)
-        "cols_fused": True, "cols_fused_warps": 4, "cols_fused_block_m": 64}
+        "cols_fused": True, "cols_fused_warps": 4, "cols_fused_block_m": 64,
+        # the fused forward visits each head's rows ordered by their first kept column (bidirectional / causal)
+        "cols_sort_bidir": True, "cols_sort_causal": False}
 
 
 @triton.jit
@@ -420,22 +422,31 @@ def _sparse_attention_fwd_kernel(
 
 @triton.jit
 def _sparse_attention_cols_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cols_ptr, kvb_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cols_ptr, kvb_ptr, order_ptr,
     qk_scale, T, S, K, Hq, group, c, n_kblocks,
-    CAUSAL: tl.constexpr, HAS_KV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV: tl.constexpr, ORDER: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     """The forward of `_sparse_attention_fwd_kernel` over the blocks `_sparse_attention_cols_plan_kernel` would list,
     found on the way: one program per (tile of BM rows, b*Hq + h) merges its rows' sorted key spans block by block
     (the plan kernel's loop) and runs each block with its key masks at once. The same blocks in the same order as
-    the planned forward, so the same sums; no plan is written, and no host sync sizes it."""
+    the planned forward, so the same sums; no plan is written, and no host sync sizes it.
+
+    ORDER: the tile's rows are slots [tile * BM, (tile + 1) * BM) of order (B * Hq, T), a permutation of each head's
+    rows (`_row_order`), instead of consecutive rows. A row's result does not depend on the other rows of its tile
+    (a block where its mask is 0 leaves it exactly as it was), so any order gives the same out and lse, bit for bit;
+    an order that puts rows with the same columns together computes fewer blocks."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
     hk = (bh % Hq) // group
     r = tl.arange(0, BM)
-    rows = tile * BM + r
-    live = rows < T
+    slot = tile * BM + r
+    live = slot < T
+    if ORDER:
+        rows = tl.load(order_ptr + bh.to(tl.int64) * T + slot, mask=live, other=0)
+    else:
+        rows = slot
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     q_off = (bh.to(tl.int64) * T + rows[:, None]) * D + d[None, :]
@@ -603,6 +614,16 @@ def _cols_plan(q, k, cols, K, causal, key_valid, block_m):
     return sparse_attention_cols_plan(cols, K, k.shape[2], causal, key_valid, block_m)
 
 
+def _row_order(cols: torch.Tensor, K: int) -> torch.Tensor:
+    """(B * H, T) int32: each head's rows by their first kept column, rows that keep none last, ties in row order
+    (a stable sort). SEA keeps few columns per row and head at long T (one at k = 64 from T = 16k, bidirectional),
+    so rows of one tile then share their columns: a tile of rows in their own order meets a different column in
+    nearly every row that keeps one in this head, and computes each column's blocks for all BM rows."""
+    first = cols[..., 0]
+    key = torch.where(first >= 0, first, K)
+    return torch.argsort(key.reshape(-1, cols.shape[2]), dim=-1, stable=True).to(torch.int32)
+
+
 def _sparse_attention_cols_fwd(q, k, v, cols, K: int, causal: bool, scale: float, key_valid, block_m: int):
     """The forward straight from cols (`_sparse_attention_cols_fwd_kernel`): one launch, no plan, no host sync.
     q, k, v, cols as _prep returns them (cols starts with q's (B, Hq, T))."""
@@ -618,10 +639,13 @@ def _sparse_attention_cols_fwd(q, k, v, cols, K: int, causal: bool, scale: float
     n_kblocks = triton.cdiv(S, BLOCK_N)
     cols = cols.to(torch.int32).contiguous()
     kvb = _pack_key_valid(key_valid, n_kblocks).contiguous() if key_valid is not None else cols
+    ordered = _CFG["cols_sort_causal" if causal else "cols_sort_bidir"] and T > block_m
+    order = _row_order(cols, K) if ordered else cols
     _sparse_attention_cols_fwd_kernel[(triton.cdiv(T, block_m), B * Hq)](
-        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse, cols_ptr=cols, kvb_ptr=kvb,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse, cols_ptr=cols, kvb_ptr=kvb, order_ptr=order,
         qk_scale=scale * math.log2(math.e), T=T, S=S, K=K, Hq=Hq, group=Hq // Hkv, c=c, n_kblocks=n_kblocks,
-        CAUSAL=bool(causal), HAS_KV=key_valid is not None, D=D, BLOCK_D=block_d, BM=block_m, BN=BLOCK_N, PREC=prec,
+        CAUSAL=bool(causal), HAS_KV=key_valid is not None, ORDER=ordered,
+        D=D, BLOCK_D=block_d, BM=block_m, BN=BLOCK_N, PREC=prec,
         num_warps=_CFG["cols_fused_warps"],
     )
     return out, lse
