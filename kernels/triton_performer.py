@@ -97,32 +97,6 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _store_encoder_input(acc, qn, LnW, LnB, o_rows, rmask, eps,
-                         D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr):
-    """ctx = acc[:, :-1] / acc[:, -1], then LayerNorm([ctx, qn]) over its 2D + E values, stored at o_rows (row
-    pointers)."""
-    W: tl.constexpr = D + E + 1
-    F: tl.constexpr = 2 * D + E
-    w = tl.arange(0, BLOCK_W)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    cmask = (w < W - 1)[None, :]
-    den = tl.sum(tl.where(w[None, :] == W - 1, acc, 0.0), axis=1)  # (rows,) last column: phi(q) . sum phi(k)
-    ctx = tl.where(cmask, acc / tl.maximum(den, 1e-30)[:, None], 0.0)
-    mean = (tl.sum(ctx, axis=1) + tl.sum(qn, axis=1)) / F
-    dc = tl.where(cmask, ctx - mean[:, None], 0.0)
-    dq = tl.where(dmask[None, :], qn - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt((tl.sum(dc * dc, axis=1) + tl.sum(dq * dq, axis=1)) / F + eps)
-    lw = tl.load(LnW + w, mask=w < W - 1, other=0.0)
-    lb = tl.load(LnB + w, mask=w < W - 1, other=0.0)
-    tl.store(o_rows[:, None] + w[None, :], dc * rstd[:, None] * lw[None, :] + lb[None, :], mask=rmask[:, None] & cmask)
-    lw = tl.load(LnW + (W - 1) + d, mask=dmask, other=0.0)
-    lb = tl.load(LnB + (W - 1) + d, mask=dmask, other=0.0)
-    tl.store(o_rows[:, None] + (W - 1) + d[None, :], dq * rstd[:, None] * lw[None, :] + lb[None, :],
-             mask=rmask[:, None] & dmask[None, :])
-
-
-@triton.jit
 def _performer_query_fwd_kernel(
     Q, Proj, KV, LnW, LnB, Out,
     T, M, eps, q_scale, z_shift, clamp,
@@ -130,7 +104,7 @@ def _performer_query_fwd_kernel(
     stride_kvb, stride_kvh, stride_kvm,
     stride_ob, stride_oh, stride_ot,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -142,17 +116,26 @@ def _performer_query_fwd_kernel(
     rmask = rows < T
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_D)
-    qn, xt = _unit_rows(q, q_scale)
-    W: tl.constexpr = D + E + 1
-    acc = tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32)  # num = phi(q) @ kv
+    q_rows = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + d[None, :]
+    q = tl.load(q_rows, mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_D)
+    _, xt = _unit_rows(q, q_scale)
+    # phi(q) @ kv in its three parts, kv's columns [v (D), eye (E), 1]: the D + E + 1 = 193 columns (D 64, E 128) as
+    # one accumulator would pad to 256, which spilled registers at 64 rows per program
+    acc_v = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    acc_e = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    den = tl.zeros([BLOCK_T], dtype=tl.float32)  # phi(q) . sum phi(k)
     kv_base = KV + b * stride_kvb + hk * stride_kvh
     for f0 in range(0, M, BLOCK_F):
         phi = _features(xt, Proj, f0, M, z_shift, clamp, D, BLOCK_F, BLOCK_D, IEEE)
-        acc = _dot(phi, _state_rows(kv_base, f0, M, stride_kvm, W, BLOCK_F, BLOCK_W), acc, IEEE)
-    _store_encoder_input(acc, qn, LnW, LnB, Out + b * stride_ob + h * stride_oh + rows * stride_ot, rmask, eps,
-                         D, E, BLOCK_D, BLOCK_W)
+        acc_v = _dot(phi, _state_rows(kv_base, f0, M, stride_kvm, D, BLOCK_F, BLOCK_D), acc_v, IEEE)
+        acc_e = _dot(phi, _state_rows(kv_base + D, f0, M, stride_kvm, E, BLOCK_F, BLOCK_E), acc_e, IEEE)
+        den += tl.sum(phi * _state_col(kv_base + D + E, f0, M, stride_kvm, BLOCK_F)[None, :], axis=1)
+    den = tl.maximum(den, 1e-30)[:, None]
+    # the unit rows again from q (L2), rather than kept in registers through the loop
+    qn, _ = _unit_rows(tl.load(q_rows, mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32), q_scale)
+    _store_encoder_input_parts(acc_v / den, acc_e / den, qn, LnW, LnB,
+                               Out + b * stride_ob + h * stride_oh + rows * stride_ot, rmask, eps,
+                               D, E, BLOCK_D, BLOCK_E)
 
 
 @triton.jit
@@ -431,7 +414,7 @@ def performer_query_triton(q, proj, kv, ln_w, ln_b, eps: float = 1e-5):
         stride_kvb=kv.stride(0), stride_kvh=kv.stride(1), stride_kvm=kv.stride(2),
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_ot=out.stride(2),
         H=H, G=H // Hkv, D=D, E=E, BLOCK_T=bt, BLOCK_F=_CFG["performer_block_f"],
-        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_W=triton.next_power_of_2(W), IEEE=ieee,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_E=max(16, triton.next_power_of_2(E)), IEEE=ieee,
         num_warps=_CFG["performer_warps"],
     )
     return out
