@@ -163,6 +163,23 @@ def test_average_context_bidirectional_uniform():
     assert torch.allclose(ctx[0, :, 0].double(), exp, atol=1e-6)
 
 
+@pytest.mark.parametrize("Hkv", [3, 1])
+def test_equal_columns_context_equals_general_path(Hkv):
+    """The GPU's bidirectional average when K divides S and nothing is padding (one reduction of v per column) is
+    the general path's weighted mean, GQA heads reading their key/value head."""
+    from sea_edge.attention import _equal_columns_context
+
+    B, H, T, S, D, K = 2, 6, 7, 48, 8, 12
+    g = torch.Generator().manual_seed(Hkv)
+    v = torch.randn(B, Hkv, S, D, generator=g).half()
+    probs = torch.rand(B, H, T, K, generator=g).softmax(-1)
+    want = average_context(v, probs, None, causal=False, n_heads=H)[:, :, :1]
+    heads = torch.arange(H) // (H // Hkv)
+    got = _equal_columns_context(v, torch.nansum(probs, 2) / T, heads)
+    assert got.shape == (B, H, 1, D) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("T", [1, 5, 23])
 def test_average_context_causal_is_running_mean(T):
     """Causal average context: query t (position S - T + t) gets the mean of the valid values at positions <= its
