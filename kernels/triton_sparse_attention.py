@@ -41,8 +41,8 @@ _CFG = {"fwd_warps": None, "fwd_stages": 3, "plan_ch": None, "plan_warps": 4, "p
         "cols_plan_warps": 1,
         # forward from kept columns: merge each tile's spans inside the attention kernel (no plan, no host sync)
         "cols_fused": True, "cols_fused_warps": 4, "cols_fused_block_m": 64,
-        # the fused forward visits each head's rows ordered by their first kept column (bidirectional / causal)
-        "cols_sort_bidir": True, "cols_sort_causal": False}
+        # the fused forward visits each head's rows by their first kept key (bidirectional / causal, _row_order)
+        "cols_sort_bidir": True, "cols_sort_causal": True}
 
 
 @triton.jit
@@ -614,14 +614,19 @@ def _cols_plan(q, k, cols, K, causal, key_valid, block_m):
     return sparse_attention_cols_plan(cols, K, k.shape[2], causal, key_valid, block_m)
 
 
-def _row_order(cols: torch.Tensor, K: int) -> torch.Tensor:
-    """(B * H, T) int32: each head's rows by their first kept column, rows that keep none last, ties in row order
-    (a stable sort). SEA keeps few columns per row and head at long T (one at k = 64 from T = 16k, bidirectional),
-    so rows of one tile then share their columns: a tile of rows in their own order meets a different column in
-    nearly every row that keeps one in this head, and computes each column's blocks for all BM rows."""
-    first = cols[..., 0]
-    key = torch.where(first >= 0, first, K)
-    return torch.argsort(key.reshape(-1, cols.shape[2]), dim=-1, stable=True).to(torch.int32)
+def _row_order(cols: torch.Tensor, K: int, S: int, causal: bool) -> torch.Tensor:
+    """(B * H, T) int32: each head's rows by the first key they keep (the start of their first column's span), rows
+    that keep none last, ties in row order (a stable sort). SEA keeps few columns per row and head at long T (at
+    k = 64: one from T = 16k bidirectional, one of three per token causal at 64k), so rows of one tile then share
+    their spans. In their own order nearly every row of a tile that keeps a column in this head keeps another one,
+    and the tile computes each of those columns' blocks for all its rows. Causal spans move with the row (its K
+    columns split [0, position]): rows that start at the same key share most of their span, rows with the same
+    column index do not."""
+    B, H, T, _ = cols.shape
+    first = cols[..., 0].to(torch.int64)
+    L = torch.arange(S - T + 1, S + 1, device=cols.device) if causal else S  # keys the row's columns split
+    key = torch.where(first >= 0, first * L // K, S)
+    return torch.argsort(key.reshape(B * H, T), dim=-1, stable=True).to(torch.int32)
 
 
 def _sparse_attention_cols_fwd(q, k, v, cols, K: int, causal: bool, scale: float, key_valid, block_m: int):
@@ -640,7 +645,7 @@ def _sparse_attention_cols_fwd(q, k, v, cols, K: int, causal: bool, scale: float
     cols = cols.to(torch.int32).contiguous()
     kvb = _pack_key_valid(key_valid, n_kblocks).contiguous() if key_valid is not None else cols
     ordered = _CFG["cols_sort_causal" if causal else "cols_sort_bidir"] and T > block_m
-    order = _row_order(cols, K) if ordered else cols
+    order = _row_order(cols, K, S, causal) if ordered else cols
     _sparse_attention_cols_fwd_kernel[(triton.cdiv(T, block_m), B * Hq)](
         q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse, cols_ptr=cols, kvb_ptr=kvb, order_ptr=order,
         qk_scale=scale * math.log2(math.e), T=T, S=S, K=K, Hq=Hq, group=Hq // Hkv, c=c, n_kblocks=n_kblocks,

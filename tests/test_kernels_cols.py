@@ -139,18 +139,19 @@ def test_cols_fused_forward_equals_planned_forward(case, block_m, ordered, monke
         assert torch.equal(got, want) and torch.equal(lse, want_lse)
 
 
-def test_row_order_groups_rows_by_first_column():
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_row_order_groups_rows_by_first_key(causal):
     g = torch.Generator(DEV).manual_seed(11)
-    B, H, T, K = 2, 3, 200, 16
-    cols, _ = make_cols(B, H, T, 512, K, 2, False, g, empty_rows=True)
-    order = _row_order(cols, K).long()
-    assert order.dtype == torch.int64 and tuple(order.shape) == (B * H, T)
+    B, H, T, S, K = 2, 3, 200, 512, 16
+    cols, _ = make_cols(B, H, T, S, K, 2, causal, g, empty_rows=True)
+    order = _row_order(cols, K, S, causal).long()
+    assert tuple(order.shape) == (B * H, T)
     assert torch.equal(order.sort(-1).values, torch.arange(T, device=DEV).expand(B * H, T)), "not a permutation"
-    first = cols[..., 0].reshape(B * H, T)
-    key = torch.where(first >= 0, first, K).gather(1, order)
-    assert (key[:, 1:] >= key[:, :-1]).all(), "rows not grouped by first column"
-    assert (key[:, -(T // 4):] == K).all(), "rows that keep nothing come last"
-    same = key[:, 1:] == key[:, :-1]
+    idx = expand_columns_ref(cols, K, S, causal)  # each row's kept keys, ascending, -1 past them
+    first = torch.where(idx[..., 0] >= 0, idx[..., 0], S).reshape(B * H, T).gather(1, order)
+    assert (first[:, 1:] >= first[:, :-1]).all(), "rows not by first kept key"
+    assert (first[:, -(T // 4):] == S).all(), "rows that keep nothing come last"
+    same = first[:, 1:] == first[:, :-1]
     assert (order[:, 1:][same] > order[:, :-1][same]).all(), "ties not in row order"
 
 
