@@ -196,7 +196,8 @@ def sweep_settings(out: Path) -> list[dict]:
                 {"scores_warps": 2},
                 {"scores_warps": 8}, {"scores_stages": 2}, {"scores_block_m": 128}, {"performer_block_t": 64},
                 {"performer_block_f": 64}, {"performer_warps": 8}, {"kv_block_w": 64}, {"kv_block_w": 128},
-                {"kv_keys": 1024}, {"kv_keys": 4096}]
+                {"kv_keys": 1024}, {"kv_keys": 4096}, {"cols_sort_bidir": False, "cols_sort_causal": False},
+                {"cols_fused_block_m": 32}]
     # the causal Performer in Triton (`causal_fused`, the default) under its own launch settings, and the torch path
     causal_only = [{"causal_fused": False}] + [{"causal_fused": True, **st} for st in (
         {"causal_warps": 4}, {"causal_chunk": 128, "causal_block_t": 32, "causal_warps": 4},
