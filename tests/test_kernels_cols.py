@@ -22,8 +22,8 @@ from sea_edge.kernels import (
     sparse_attention_cols,
     sparse_attention_cols_ref,
     sparse_attention_ref,
+    triton_sparse_attention,
 )
-from sea_edge.kernels import triton_sparse_attention
 from sea_edge.kernels.triton_sparse_attention import (
     _row_order,
     sparse_attention_cols_plan,

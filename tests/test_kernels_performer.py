@@ -20,8 +20,8 @@ from sea_edge.kernels import (
     performer_kv_ref,
     performer_query_ref,
     performer_values,
+    triton_performer,
 )
-from sea_edge.kernels import triton_performer
 from sea_edge.kernels.triton_performer import performer_causal_triton, performer_kv_triton, performer_query_triton
 
 from sea_edge.testing import assert_close_to_ref, assert_rel_err
@@ -73,9 +73,8 @@ def test_performer_query_matches_reference(case):
 def test_performer_query_with_encoder_equals_query_then_encoder(case):
     """The query launch that runs the encoder behind it (x in registers, never stored) returns what the encoder
     launch returns on the stored x: the decoder's rows, mix and gain."""
-    from test_kernels_encoder import make as make_encoder
-
     from sea_edge.kernels.triton_encoder import encoder_triton
+    from test_kernels_encoder import make as make_encoder
 
     args = make(*case)
     B, H, T, D, E = case[0], case[1], case[3], case[5], case[7]
