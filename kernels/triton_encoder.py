@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["encoder_args", "encoder_triton"]
+__all__ = ["encoder_triton"]
 
 _CFG = {"encoder_block_t": 64, "encoder_block_f": 64, "encoder_block_n": 64, "encoder_warps": 4}
 
@@ -43,24 +43,29 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _encoder_in(xc, W1, c0, F, width, cols, acc, WD, BLOCK_WD: tl.constexpr, IEEE: tl.constexpr):
-    """acc + xc @ W1[:, c0 + cols]^T: the first Linear over the input columns c0 .. c0 + width (cols: their offsets,
-    (BLOCK_C,); xc (rows, BLOCK_C), zero past width)."""
-    w = tl.arange(0, BLOCK_WD)
-    w1t = tl.load(W1 + w[None, :] * F + c0 + cols[:, None], mask=(cols < width)[:, None] & (w < WD)[None, :],
-                  other=0.0)  # (BLOCK_C, BLOCK_WD)
-    return _dot(xc, w1t, acc, IEEE)
-
-
-@triton.jit
-def _encoder_tail(acc, grow, rmask, h, B1, W2, B2, HeadEmbed, WRows, BRows, WMix, BMix, Img, Mix, Gain,
-                  WD, N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_WD: tl.constexpr, BLOCK_N: tl.constexpr,
-                  IEEE: tl.constexpr):
-    """From the first Linear's products acc (BLOCK_T, BLOCK_WD) of the rows grow (their index in B * H * T) of head
-    h: GELU, the second Linear and the head embedding (feat, in registers), then the mix scalars and the decoder's
-    rows, stored."""
+def _encoder_fwd_kernel(
+    X, W1, B1, W2, B2, HeadEmbed, WRows, BRows, WMix, BMix, Img, Mix, Gain,
+    T,
+    H: tl.constexpr, F: tl.constexpr, WD: tl.constexpr, N: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_WD: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # b * H + h
+    h = bh % H
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    grow = bh * T + rows  # (BLOCK_T,) the rows' index in (B * H * T)
     w = tl.arange(0, BLOCK_WD)
     wmask = w < WD
+    # hidden = x @ W1^T over F in chunks: the (BLOCK_T x F) rows never sit in registers whole
+    acc = tl.zeros([BLOCK_T, BLOCK_WD], dtype=tl.float32)
+    for f0 in tl.range(0, F, BLOCK_F):
+        f = f0 + tl.arange(0, BLOCK_F)
+        fmask = f < F
+        xc = tl.load(X + grow[:, None] * F + f[None, :], mask=rmask[:, None] & fmask[None, :], other=0.0)
+        w1t = tl.load(W1 + w[None, :] * F + f[:, None], mask=fmask[:, None] & wmask[None, :], other=0.0)  # (BF, BWD)
+        acc = _dot(xc, w1t, acc, IEEE)
     hid = acc + tl.load(B1 + w, mask=wmask, other=0.0)[None, :]
     hid = 0.5 * hid * (1.0 + tl.erf(hid * 0.7071067811865476))  # nn.GELU(): the exact erf form
     w2t = tl.load(W2 + w[None, :] * WD + w[:, None], mask=wmask[:, None] & wmask[None, :], other=0.0)  # (BWD, BWD)
@@ -81,63 +86,34 @@ def _encoder_tail(acc, grow, rmask, h, B1, W2, B2, HeadEmbed, WRows, BRows, WMix
         tl.store(Img + grow[:, None] * N + n[None, :], o, mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.jit
-def _encoder_fwd_kernel(
-    X, W1, B1, W2, B2, HeadEmbed, WRows, BRows, WMix, BMix, Img, Mix, Gain,
-    T,
-    H: tl.constexpr, F: tl.constexpr, WD: tl.constexpr, N: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_WD: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    pid_t = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # b * H + h
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    rmask = rows < T
-    grow = bh * T + rows  # (BLOCK_T,) the rows' index in (B * H * T)
-    # hidden = x @ W1^T over F in chunks: the (BLOCK_T x F) rows never sit in registers whole
-    acc = tl.zeros([BLOCK_T, BLOCK_WD], dtype=tl.float32)
-    for f0 in tl.range(0, F, BLOCK_F):
-        f = tl.arange(0, BLOCK_F)
-        xc = tl.load(X + grow[:, None] * F + f0 + f[None, :], mask=rmask[:, None] & (f0 + f < F)[None, :], other=0.0)
-        acc = _encoder_in(xc, W1, f0, F, F - f0, f, acc, WD, BLOCK_WD, IEEE)
-    _encoder_tail(acc, grow, rmask, bh % H, B1, W2, B2, HeadEmbed, WRows, BRows, WMix, BMix, Img, Mix, Gain,
-                  WD, N, BLOCK_T, BLOCK_WD, BLOCK_N, IEEE)
-
-
-def encoder_args(x_shape, w1, b1, w2, b2, head_embed, w_rows, b_rows, w_mix, b_mix, device) -> dict:
-    """The encoder's kernel arguments for an input x of shape (B, H, T, F): its weights (fp32, contiguous, on
-    device), empty outputs Img (B, H, T, N), Mix and Gain (B, H, T), and the widths. ValueError naming the weight
-    whose shape does not fit."""
-    if len(x_shape) != 4:
-        raise ValueError(f"x must be (B, H, T, F), got shape {tuple(x_shape)}")
-    B, H, T, F = x_shape
+def encoder_triton(x, w1, b1, w2, b2, head_embed, w_rows, b_rows, w_mix, b_mix):
+    """reference.encoder_ref on the GPU (inference: no autograd): (img (B, H, T, N), mix (B, H, T), gain (B, H, T)),
+    fp32."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, H, T, F), got shape {tuple(x.shape)}")
+    B, H, T, F = x.shape
     Wd, N = w1.shape[0], w_rows.shape[0]
     shapes = {"w1": (w1, (Wd, F)), "b1": (b1, (Wd,)), "w2": (w2, (Wd, Wd)), "b2": (b2, (Wd,)),
               "head_embed": (head_embed, (H, Wd)), "w_rows": (w_rows, (N, Wd)), "b_rows": (b_rows, (N,)),
               "w_mix": (w_mix, (2, Wd)), "b_mix": (b_mix, (2,))}
     for name, (t, want) in shapes.items():
         if tuple(t.shape) != want:
-            raise ValueError(f"{name} must be {want} for x {tuple(x_shape)}, got {tuple(t.shape)}")
-    f32 = (lambda t: t.detach().to(device=device, dtype=torch.float32).contiguous())
-    mix = torch.empty(B, H, T, device=device, dtype=torch.float32)
-    return dict(W1=f32(w1), B1=f32(b1), W2=f32(w2), B2=f32(b2), HeadEmbed=f32(head_embed), WRows=f32(w_rows),
-                BRows=f32(b_rows), WMix=f32(w_mix), BMix=f32(b_mix),
-                Img=torch.empty(B, H, T, N, device=device, dtype=torch.float32), Mix=mix, Gain=torch.empty_like(mix),
-                WD=Wd, N=N, BLOCK_WD=max(16, triton.next_power_of_2(Wd)),
-                BLOCK_N=min(_CFG["encoder_block_n"], max(16, triton.next_power_of_2(N))))
-
-
-def encoder_triton(x, w1, b1, w2, b2, head_embed, w_rows, b_rows, w_mix, b_mix):
-    """reference.encoder_ref on the GPU (inference: no autograd): (img (B, H, T, N), mix (B, H, T), gain (B, H, T)),
-    fp32."""
-    enc = encoder_args(x.shape, w1, b1, w2, b2, head_embed, w_rows, b_rows, w_mix, b_mix, x.device)
-    B, H, T, F = x.shape
-    x = x.detach().to(torch.float32).contiguous()
-    if enc["Img"].numel() > 0:
-        bt = _CFG["encoder_block_t"]
-        _encoder_fwd_kernel[(triton.cdiv(T, bt), B * H)](
-            X=x, T=T, H=H, F=F, BLOCK_T=bt, BLOCK_F=_CFG["encoder_block_f"],
-            IEEE=not (x.is_cuda and torch.backends.cuda.matmul.allow_tf32),  # as torch's own fp32 matmuls would
-            num_warps=_CFG["encoder_warps"], **enc,
-        )
-    return enc["Img"], enc["Mix"], enc["Gain"]
+            raise ValueError(f"{name} must be {want} for x {tuple(x.shape)}, got {tuple(t.shape)}")
+    f32 = (lambda t: t.detach().to(device=x.device, dtype=torch.float32).contiguous())
+    x = f32(x)
+    img = torch.empty(B, H, T, N, device=x.device, dtype=torch.float32)
+    mix = torch.empty(B, H, T, device=x.device, dtype=torch.float32)
+    gain = torch.empty_like(mix)
+    if img.numel() == 0:
+        return img, mix, gain
+    bt = _CFG["encoder_block_t"]
+    _encoder_fwd_kernel[(triton.cdiv(T, bt), B * H)](
+        X=x, W1=f32(w1), B1=f32(b1), W2=f32(w2), B2=f32(b2), HeadEmbed=f32(head_embed), WRows=f32(w_rows),
+        BRows=f32(b_rows), WMix=f32(w_mix), BMix=f32(b_mix), Img=img, Mix=mix, Gain=gain,
+        T=T, H=H, F=F, WD=Wd, N=N, BLOCK_T=bt, BLOCK_F=_CFG["encoder_block_f"],
+        BLOCK_WD=max(16, triton.next_power_of_2(Wd)),
+        BLOCK_N=min(_CFG["encoder_block_n"], max(16, triton.next_power_of_2(N))),
+        IEEE=not (x.is_cuda and torch.backends.cuda.matmul.allow_tf32),  # as torch's own fp32 matmuls would
+        num_warps=_CFG["encoder_warps"],
+    )
+    return img, mix, gain

@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 
 from .reference import PERFORMER_CLAMP
-from .triton_encoder import _encoder_in, _encoder_tail, encoder_args
 
 __all__ = ["performer_causal_triton", "performer_kv_triton", "performer_query_triton"]
 
@@ -50,10 +49,7 @@ _CFG = {"performer_block_t": 64, "performer_block_f": 32, "performer_warps": 4, 
         "kv_seg": True, "seg_block_f": 64, "seg_warps": 4,
         # the causal estimator's route (sea_edge/estimator.py): these kernels (True) or the torch path (False). On:
         # the layer at 64k, 12/12 heads, 38.6 ms against 57.8 ms, peak 4628 against 12418 MiB (H100, 2026-12-07)
-        "causal_fused": True,
-        # the bidirectional query kernel runs the encoder behind it (no x in memory); its rows per program and warps
-        # (64 rows spill 448 bytes of registers per thread at 8 warps, 32 rows 80: ptxas for sm_90)
-        "query_encoder": True, "query_encoder_block_t": 32, "query_encoder_warps": 8}
+        "causal_fused": True}
 
 
 @triton.jit
@@ -103,19 +99,14 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 @triton.jit
 def _performer_query_fwd_kernel(
     Q, Proj, KV, LnW, LnB, Out,
-    W1, B1, W2, B2, HeadEmbed, WRows, BRows, WMix, BMix, Img, Mix, Gain,
     T, M, eps, q_scale, z_shift, clamp,
     stride_qb, stride_qh, stride_qt,
     stride_kvb, stride_kvh, stride_kvm,
     stride_ob, stride_oh, stride_ot,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    IEEE: tl.constexpr, ENCODER: tl.constexpr, WD: tl.constexpr, N: tl.constexpr, BLOCK_WD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    """The query side of the bidirectional Performer: [phi(q) kv / phi(q) . sum phi(k), q / |q|] through the
-    encoder's input LayerNorm, stored as x (B, H, T, 2D + E). ENCODER: x is not stored; the encoder
-    (triton_encoder.py) runs on it in registers and stores the decoder's rows and the mix scalars instead."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -142,19 +133,9 @@ def _performer_query_fwd_kernel(
     den = tl.maximum(den, 1e-30)[:, None]
     # the unit rows again from q (L2), rather than kept in registers through the loop
     qn, _ = _unit_rows(tl.load(q_rows, mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32), q_scale)
-    if ENCODER:  # x (805 MB at T = 64k, 12 heads) is neither written nor read back
-        xv, xe, xq = _layer_norm_parts(acc_v / den, acc_e / den, qn, LnW, LnB, eps, D, E, BLOCK_D, BLOCK_E)
-        F: tl.constexpr = 2 * D + E
-        j = tl.arange(0, BLOCK_E)
-        acc = _encoder_in(xv, W1, 0, F, D, d, tl.zeros([BLOCK_T, BLOCK_WD], dtype=tl.float32), WD, BLOCK_WD, IEEE)
-        acc = _encoder_in(xe, W1, D, F, E, j, acc, WD, BLOCK_WD, IEEE)
-        acc = _encoder_in(xq, W1, D + E, F, D, d, acc, WD, BLOCK_WD, IEEE)
-        _encoder_tail(acc, (b * H + h) * T + rows, rmask, h, B1, W2, B2, HeadEmbed, WRows, BRows, WMix, BMix,
-                      Img, Mix, Gain, WD, N, BLOCK_T, BLOCK_WD, BLOCK_N, IEEE)
-    else:
-        _store_encoder_input_parts(acc_v / den, acc_e / den, qn, LnW, LnB,
-                                   Out + b * stride_ob + h * stride_oh + rows * stride_ot, rmask, eps,
-                                   D, E, BLOCK_D, BLOCK_E)
+    _store_encoder_input_parts(acc_v / den, acc_e / den, qn, LnW, LnB,
+                               Out + b * stride_ob + h * stride_oh + rows * stride_ot, rmask, eps,
+                               D, E, BLOCK_D, BLOCK_E)
 
 
 @triton.jit
@@ -287,10 +268,10 @@ def _performer_kv_seg_kernel(
 
 
 @triton.jit
-def _layer_norm_parts(cv, ce, qn, LnW, LnB, eps,
-                      D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+def _store_encoder_input_parts(cv, ce, qn, LnW, LnB, o_rows, rmask, eps,
+                               D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
     """LayerNorm([cv, ce, qn]) over its 2D + E values (cv: D columns of BLOCK_D, ce: E of BLOCK_E, zero past
-    them), in its three parts, zero past their widths."""
+    them), stored at o_rows (row pointers)."""
     F: tl.constexpr = 2 * D + E
     d = tl.arange(0, BLOCK_D)
     j = tl.arange(0, BLOCK_E)
@@ -301,28 +282,18 @@ def _layer_norm_parts(cv, ce, qn, LnW, LnB, eps,
     de = tl.where(jmask, ce - mean[:, None], 0.0)
     dq = tl.where(dmask, qn - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt((tl.sum(dv * dv, axis=1) + tl.sum(de * de, axis=1) + tl.sum(dq * dq, axis=1)) / F + eps)
-    return (_ln_part(dv, rstd, LnW, LnB, 0, d, D), _ln_part(de, rstd, LnW, LnB, D, j, E),
-            _ln_part(dq, rstd, LnW, LnB, D + E, d, D))
+    _store_ln_part(dv, rstd, LnW, LnB, o_rows, rmask, 0, d, D)
+    _store_ln_part(de, rstd, LnW, LnB, o_rows, rmask, D, j, E)
+    _store_ln_part(dq, rstd, LnW, LnB, o_rows, rmask, D + E, d, D)
 
 
 @triton.jit
-def _store_encoder_input_parts(cv, ce, qn, LnW, LnB, o_rows, rmask, eps,
-                               D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
-    """LayerNorm([cv, ce, qn]) (_layer_norm_parts) stored at o_rows (row pointers)."""
-    xv, xe, xq = _layer_norm_parts(cv, ce, qn, LnW, LnB, eps, D, E, BLOCK_D, BLOCK_E)
-    d = tl.arange(0, BLOCK_D)
-    j = tl.arange(0, BLOCK_E)
-    tl.store(o_rows[:, None] + d[None, :], xv, mask=rmask[:, None] & (d < D)[None, :])
-    tl.store(o_rows[:, None] + D + j[None, :], xe, mask=rmask[:, None] & (j < E)[None, :])
-    tl.store(o_rows[:, None] + D + E + d[None, :], xq, mask=rmask[:, None] & (d < D)[None, :])
-
-
-@triton.jit
-def _ln_part(x, rstd, LnW, LnB, c0, cols, width):
-    """Columns c0 + cols (< c0 + width) of a LayerNorm: x (centred) * rstd * w + b, zero past width."""
+def _store_ln_part(x, rstd, LnW, LnB, o_rows, rmask, c0, cols, width):
+    """Columns c0 + cols (< c0 + width) of a LayerNorm: x (centred) * rstd * w + b."""
     lw = tl.load(LnW + c0 + cols, mask=cols < width, other=0.0)
     lb = tl.load(LnB + c0 + cols, mask=cols < width, other=0.0)
-    return x * rstd[:, None] * lw[None, :] + lb[None, :]
+    tl.store(o_rows[:, None] + c0 + cols[None, :], x * rstd[:, None] * lw[None, :] + lb[None, :],
+             mask=rmask[:, None] & (cols < width)[None, :])
 
 
 @triton.jit
@@ -418,10 +389,8 @@ def _performer_causal_query_kernel(
                                D, E, BLOCK_D, BLOCK_E)
 
 
-def performer_query_triton(q, proj, kv, ln_w, ln_b, eps: float = 1e-5, encoder: tuple | None = None):
-    """reference.performer_query_ref in one Triton launch (inference: no autograd): (B, H, T, 2D + E) fp32.
-    encoder: the weights encoder_triton takes after x (w1, b1, w2, b2, head_embed, w_rows, b_rows, w_mix, b_mix);
-    then the same launch runs the encoder on x in registers and returns encoder_triton(x, *encoder) instead."""
+def performer_query_triton(q, proj, kv, ln_w, ln_b, eps: float = 1e-5):
+    """reference.performer_query_ref in one Triton launch (inference: no autograd): (B, H, T, 2D + E) fp32."""
     B, H, T, D = q.shape
     if kv.dim() != 4 or kv.shape[0] != B or H % kv.shape[1]:
         raise ValueError(f"kv must be (B, Hkv, m, D + E + 1) with H = {H} a multiple of Hkv, got {tuple(kv.shape)}")
@@ -434,30 +403,21 @@ def performer_query_triton(q, proj, kv, ln_w, ln_b, eps: float = 1e-5, encoder: 
         raise ValueError(f"LayerNorm width {ln_w.numel()} != 2D + E = {2 * D + E}")
     f32 = (lambda t: t.detach().to(device=q.device, dtype=torch.float32).contiguous())
     q, proj, kv = q.contiguous(), f32(proj), f32(kv)
-    if encoder is None:
-        out = torch.empty(B, H, T, 2 * D + E, device=q.device, dtype=torch.float32)
-        enc = dict.fromkeys(("W1", "B1", "W2", "B2", "HeadEmbed", "WRows", "BRows", "WMix", "BMix", "Img", "Mix",
-                             "Gain"), out)
-        enc.update(WD=16, N=16, BLOCK_WD=16, BLOCK_N=16)
-        bt, warps = _CFG["performer_block_t"], _CFG["performer_warps"]
-    else:
-        enc = encoder_args((B, H, T, 2 * D + E), *encoder, device=q.device)
-        out = enc["Img"]  # unused: x is not stored
-        bt, warps = _CFG["query_encoder_block_t"], _CFG["query_encoder_warps"]
+    out = torch.empty(B, H, T, 2 * D + E, device=q.device, dtype=torch.float32)
+    bt = _CFG["performer_block_t"]
     grid = (triton.cdiv(T, bt), B * H)
     ieee = not (q.is_cuda and torch.backends.cuda.matmul.allow_tf32)  # as torch's own fp32 matmuls would
-    if T > 0:
-        _performer_query_fwd_kernel[grid](
-            Q=q, Proj=proj, KV=kv, LnW=f32(ln_w), LnB=f32(ln_b), Out=out,
-            T=T, M=M, eps=float(eps), q_scale=D**0.25, z_shift=0.5 * math.sqrt(D), clamp=PERFORMER_CLAMP,
-            stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
-            stride_kvb=kv.stride(0), stride_kvh=kv.stride(1), stride_kvm=kv.stride(2),
-            stride_ob=T * (2 * D + E) * H, stride_oh=T * (2 * D + E), stride_ot=2 * D + E,
-            H=H, G=H // Hkv, D=D, E=E, BLOCK_T=bt, BLOCK_F=_CFG["performer_block_f"],
-            BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_E=max(16, triton.next_power_of_2(E)), IEEE=ieee,
-            ENCODER=encoder is not None, num_warps=warps, **enc,
-        )
-    return out if encoder is None else (enc["Img"], enc["Mix"], enc["Gain"])
+    _performer_query_fwd_kernel[grid](
+        Q=q, Proj=proj, KV=kv, LnW=f32(ln_w), LnB=f32(ln_b), Out=out,
+        T=T, M=M, eps=float(eps), q_scale=D**0.25, z_shift=0.5 * math.sqrt(D), clamp=PERFORMER_CLAMP,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qt=q.stride(2),
+        stride_kvb=kv.stride(0), stride_kvh=kv.stride(1), stride_kvm=kv.stride(2),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_ot=out.stride(2),
+        H=H, G=H // Hkv, D=D, E=E, BLOCK_T=bt, BLOCK_F=_CFG["performer_block_f"],
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_E=max(16, triton.next_power_of_2(E)), IEEE=ieee,
+        num_warps=_CFG["performer_warps"],
+    )
+    return out
 
 
 def performer_causal_triton(q, k, v, proj, state0, ln_w, ln_b, eps: float, E: int, L: int, pos0: int,

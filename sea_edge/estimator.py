@@ -170,11 +170,6 @@ class SEAEstimator(nn.Module):
             None if key_valid is None else key_valid[:, S - T :])
 
     # -- steps 2-3: encoder and decoder CNN ----------------------------------------------------------------------
-    def _encoder_weights(self) -> tuple:
-        """The encoder's, the decoder rows' and the mixer's weights as encoder_triton takes them after x."""
-        return (*_linear(self.encoder[0]), *_linear(self.encoder[2]), self.head_embed, *_linear(self.to_rows),
-                *_linear(self.mixer))
-
     def _decoder(self, img: torch.Tensor):
         """The decoder's implementation for this call: the two Triton launches of kernels/triton_decoder.py when
         _triton_inference, else the plain-torch reference. Both compute reference.decoder_ref."""
@@ -191,32 +186,24 @@ class SEAEstimator(nn.Module):
         softmax(logits) (and, on the GPU inference path, only that: logits is None there)."""
         B, H, T, D = q.shape
         perf, rows1, rows2 = state if state is not None else (None, None, None)
-        encoded = None
         if not self.causal and _triton_inference(q):
             # inference on the GPU (kernels/triton_performer.py): the keys' state kv in one Triton pass over the keys,
-            # then the query side (features, phi(q) @ kv, [ctx, q / |q|], in_norm) in one pass over the queries,
-            # with the encoder behind it in the same launch (query_encoder) or in its own
-            from sea_edge.kernels import performer_kv_triton, performer_query_triton, triton_performer
+            # then the query side (features, phi(q) @ kv, [ctx, q / |q|], in_norm) in one pass over the queries
+            from sea_edge.kernels import performer_kv_triton, performer_query_triton
 
             kv = performer_kv_triton(k, v, self.proj, self.E, k.shape[2], 0, key_valid)  # eye over the S keys
-            enc = self._encoder_weights() if triton_performer._CFG["query_encoder"] else None
-            out = performer_query_triton(q, self.proj, kv, self.in_norm.weight, self.in_norm.bias, self.in_norm.eps,
-                                         encoder=enc)  # (B, H, T, 2D+E) normalised, or the encoder's outputs
-            if enc is None:
-                x = out
-            else:
-                encoded = out
+            x = performer_query_triton(q, self.proj, kv, self.in_norm.weight,
+                                       self.in_norm.bias, self.in_norm.eps)  # (B, H, T, 2D+E), normalised
         elif _triton_inference(q) and _causal_fused():  # causal: three launches (kernels/triton_performer.py)
             x, perf = self._performer_causal_triton(q, k, v, key_valid, perf)
         else:
             ctx, perf = self.performer(q, k, v, key_valid, perf)  # (B, H, T, D+E)
             x = self.in_norm(torch.cat([ctx, F.normalize(q.float(), dim=-1)], dim=-1))
-        if encoded is not None:
-            (rows, mix, gain), feat = encoded, None
-        elif _triton_inference(x):  # one pass: encoder MLP, the decoder's rows and the mix (kernels/triton_encoder.py)
+        if _triton_inference(x):  # one pass: encoder MLP, the decoder's rows and the mix (kernels/triton_encoder.py)
             from sea_edge.kernels import encoder_triton
 
-            rows, mix, gain = encoder_triton(x, *self._encoder_weights())
+            rows, mix, gain = encoder_triton(x, *_linear(self.encoder[0]), *_linear(self.encoder[2]), self.head_embed,
+                                             *_linear(self.to_rows), *_linear(self.mixer))
             feat = None  # never written on this path: nothing in inference reads it
         else:
             feat = self.encoder(x) + self.head_embed[:, None, :]  # (B, H, T, 2D)

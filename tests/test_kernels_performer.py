@@ -69,25 +69,6 @@ def test_performer_query_matches_reference(case):
     assert_rel_err(out, ref, 1e-5)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-H{}/{}-T{}-S{}-D{}-m{}-E{}".format(*c))
-def test_performer_query_with_encoder_equals_query_then_encoder(case):
-    """The query launch that runs the encoder behind it (x in registers, never stored) returns what the encoder
-    launch returns on the stored x: the decoder's rows, mix and gain."""
-    from sea_edge.kernels.triton_encoder import encoder_triton
-    from test_kernels_encoder import make as make_encoder
-
-    args = make(*case)
-    B, H, T, D, E = case[0], case[1], case[3], case[5], case[7]
-    weights = make_encoder(B, H, T, 2 * D + E, 3 * D - 4, 2 * E + 6, seed=case[3])  # Wd, N not powers of two
-    weights.pop("x")
-    x = performer_query_triton(*args)
-    want = encoder_triton(x, **weights)
-    got = performer_query_triton(*args, encoder=tuple(weights.values()))
-    for a, b, what in zip(got, want, ("img", "mix", "gain")):
-        assert a.shape == b.shape and a.dtype == torch.float32, what
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=what)
-
-
 def test_performer_query_rejects_bad_shapes():
     q, proj, kv, ln_w, ln_b = make(1, 2, 2, 5, 6, 8, 10, 4)
     with pytest.raises(ValueError, match="LayerNorm width"):
