@@ -41,7 +41,9 @@ _CFG = {"fwd_warps": None, "fwd_stages": 3, "plan_ch": None, "plan_warps": 4, "p
         "cols_plan_warps": 1,
         # forward from kept columns: merge each tile's spans inside the attention kernel (no plan, no host sync)
         "cols_fused": True, "cols_fused_warps": 4, "cols_fused_block_m": 64,
-        # the fused forward visits each head's rows by their first kept key (bidirectional / causal, _row_order)
+        # the fused forward visits each head's rows by their first kept key where rows keep one column per head
+        # (bidirectional / causal, _row_order). Layer at 64k, 12/12, H100: 11.26 against 13.54 ms bidirectional,
+        # 26.78 against 30.03 causal (with the encoder then behind the query; results/sweep_layer_h100_2026-12-07_order)
         "cols_sort_bidir": True, "cols_sort_causal": True}
 
 
@@ -644,7 +646,11 @@ def _sparse_attention_cols_fwd(q, k, v, cols, K: int, causal: bool, scale: float
     n_kblocks = triton.cdiv(S, BLOCK_N)
     cols = cols.to(torch.int32).contiguous()
     kvb = _pack_key_valid(key_valid, n_kblocks).contiguous() if key_valid is not None else cols
-    ordered = _CFG["cols_sort_causal" if causal else "cols_sort_bidir"] and T > block_m
+    # one column per row and head (SEA at k = 64 from T = 16k): the first key is the whole mask, and rows with the same
+    # one share a tile. Several: rows that share the first column need not share the others, while neighbouring rows
+    # of a smooth estimate share most (op bench at 64k, H100: 0.72 ms in row order against 1.33 sorted at k = 64
+    # with 4 columns per head; 5.86 against 9.62 at k = 2048 with 8)
+    ordered = _CFG["cols_sort_causal" if causal else "cols_sort_bidir"] and c == 1 and T > block_m
     order = _row_order(cols, K, S, causal) if ordered else cols
     _sparse_attention_cols_fwd_kernel[(triton.cdiv(T, block_m), B * Hq)](
         q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse, cols_ptr=cols, kvb_ptr=kvb, order_ptr=order,

@@ -72,6 +72,8 @@ PLAN_CASES = [
     (1, 1, 130, 1000, 16, 5, False, False, True),
     (1, 2, 5, 3000, 64, 4, True, False, False),
     (2, 1, 111, 111, 128, 9, True, True, False),
+    (1, 3, 150, 400, 16, 1, False, False, True),  # one column per row and head: rows visited by first key
+    (2, 2, 140, 500, 32, 1, True, True, False),
 ]
 
 
@@ -210,6 +212,8 @@ GPU_CASES = [
     (2, 4, 4, 1111, 2048, 64, 256, 8, False, True),
     (1, 8, 2, 2048, 2048, 60, 128, 16, True, True),
     (1, 12, 12, 16384, 16384, 64, 256, 2, False, False),
+    (1, 12, 12, 16384, 16384, 64, 128, 1, False, False),  # one column per row and head (rows by first key)
+    (1, 9, 3, 8192, 8192, 64, 256, 1, True, False),
     (1, 4, 2, 777, 1000, 128, 64, 16, True, False),
 ]
 
