@@ -50,6 +50,7 @@ __all__ = [
     "encoder_ref",
     "mix_output_ref",
     "average_from_parts",
+    "column_means",
 ]
 
 
@@ -261,6 +262,25 @@ def cumsum_rows(x: torch.Tensor) -> torch.Tensor:
     if x.is_cuda:
         return x.transpose(2, 3).contiguous().cumsum(-1).transpose(2, 3)
     return x.cumsum(2)
+
+
+def column_means(k, key_valid, K: int):
+    """The mean valid row of each of the K bidirectional columns of k (B, Hkv, S, D), keys or values: (B, Hkv, K, D)
+    fp32, 0 for a column without a valid key. When K divides S every column holds S / K keys and the sums are one
+    reduction over a (K, S / K) view of k in its own dtype (fp32 accumulation); otherwise from the prefix sums at
+    the K + 1 boundaries."""
+    B, Hkv, S, D = k.shape
+    if S % K == 0:
+        kk = k if key_valid is None else k * key_valid[:, None, :, None].to(k.dtype)
+        sums = torch.sum(kk.view(B, Hkv, K, S // K, D), dim=3, dtype=torch.float32)  # (B, Hkv, K, D)
+        n = torch.full((B, K), S // K, device=k.device) if key_valid is None else \
+            key_valid.view(B, K, S // K).sum(-1)  # (B, K)
+    else:
+        P, C = _key_prefix(k, key_valid)
+        bounds = torch.div(torch.arange(K + 1, device=k.device) * S, K, rounding_mode="floor")  # (K + 1,)
+        sums = P[:, :, bounds[1:]] - P[:, :, bounds[:-1]]  # (B, Hkv, K, D)
+        n = (bounds[1:] - bounds[:-1]).expand(B, K) if C is None else C[:, bounds[1:]] - C[:, bounds[:-1]]  # (B, K)
+    return torch.where(n[:, None, :, None] > 0, sums / n.clamp(min=1)[:, None, :, None].to(sums.dtype), 0.0)
 
 
 def _key_prefix(k, key_valid, dtype=torch.float32):

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import _key_prefix
+from .reference import _key_prefix, column_means
 
 __all__ = ["column_scores_triton"]
 
@@ -154,30 +154,12 @@ def _column_scores_fwd(q, k, P, C, key_valid, K: int, scale: float):
     return out
 
 
-def _column_means(k, key_valid, K: int):
-    """Bidirectional: the K columns' mean valid keys (B, Hkv, K, D) fp32, 0 for a column without a valid key. When K
-    divides S every column holds S / K keys and the sums are one reduction over a (K, S / K) view of the keys in their
-    own dtype (fp32 accumulation); otherwise from the keys' prefix sums at the K + 1 boundaries."""
-    B, Hkv, S, D = k.shape
-    if S % K == 0:
-        kk = k if key_valid is None else k * key_valid[:, None, :, None].to(k.dtype)
-        sums = torch.sum(kk.view(B, Hkv, K, S // K, D), dim=3, dtype=torch.float32)  # (B, Hkv, K, D)
-        n = torch.full((B, K), S // K, device=k.device) if key_valid is None else \
-            key_valid.view(B, K, S // K).sum(-1)  # (B, K)
-    else:
-        P, C = _key_prefix(k, key_valid)
-        bounds = torch.div(torch.arange(K + 1, device=k.device) * S, K, rounding_mode="floor")  # (K + 1,)
-        sums = P[:, :, bounds[1:]] - P[:, :, bounds[:-1]]  # (B, Hkv, K, D)
-        n = (bounds[1:] - bounds[:-1]).expand(B, K) if C is None else C[:, bounds[1:]] - C[:, bounds[:-1]]  # (B, K)
-    return torch.where(n[:, None, :, None] > 0, sums / n.clamp(min=1)[:, None, :, None].to(sums.dtype), 0.0)
-
-
 def _column_scores_shared(q, k, key_valid, K: int, scale: float):
     """Bidirectional rows: every row has the same K columns of S keys, so the scores are q against the K mean keys,
     one GEMM (fp32; TF32 where torch allows it)."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    mean = _column_means(k, key_valid, K)  # (B, Hkv, K, D)
+    mean = column_means(k, key_valid, K)  # (B, Hkv, K, D)
     out = q.float().contiguous().view(B, Hkv, (H // Hkv) * T, D) @ mean.transpose(-1, -2)  # (B, Hkv, g*T, K)
     return out.mul_(scale).view(B, H, T, K)
 

@@ -116,9 +116,9 @@ def _performer_query_fwd_kernel(
     rmask = rows < T
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q_rows = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + d[None, :]
-    q = tl.load(q_rows, mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_D)
-    _, xt = _unit_rows(q, q_scale)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_D)
+    qn, xt = _unit_rows(q, q_scale)
     # phi(q) @ kv in its three parts, kv's columns [v (D), eye (E), 1]: the D + E + 1 = 193 columns (D 64, E 128) as
     # one accumulator would pad to 256, which spilled registers at 64 rows per program
     acc_v = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
@@ -131,8 +131,6 @@ def _performer_query_fwd_kernel(
         acc_e = _dot(phi, _state_rows(kv_base + D, f0, M, stride_kvm, E, BLOCK_F, BLOCK_E), acc_e, IEEE)
         den += tl.sum(phi * _state_col(kv_base + D + E, f0, M, stride_kvm, BLOCK_F)[None, :], axis=1)
     den = tl.maximum(den, 1e-30)[:, None]
-    # the unit rows again from q (L2), rather than kept in registers through the loop
-    qn, _ = _unit_rows(tl.load(q_rows, mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32), q_scale)
     _store_encoder_input_parts(acc_v / den, acc_e / den, qn, LnW, LnB,
                                Out + b * stride_ob + h * stride_oh + rows * stride_ot, rmask, eps,
                                D, E, BLOCK_D, BLOCK_E)

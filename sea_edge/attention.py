@@ -20,7 +20,7 @@ from sea_edge.kernels import (
     sparse_attention_cols,
     sparse_index_op,
 )
-from sea_edge.kernels.reference import average_from_parts, cumsum_rows
+from sea_edge.kernels.reference import average_from_parts, column_means, cumsum_rows
 
 from .config import budget
 from .estimator import EstimatorOutput, SEAEstimator
@@ -107,14 +107,11 @@ def _average_parts(v, probs, key_valid, causal: bool, n_heads: int, col_mean=Non
 
 def _equal_columns_context(v, col_mean, heads) -> torch.Tensor:
     """The bidirectional average context (B, H, 1, D) when the K columns hold S / K keys each and none is padding:
-    every key of column j weighs col_mean[j] / (S / K), so the context is sum_j col_mean[j] vsum[j] / (S / K) over
-    sum_j col_mean[j], with vsum the (B, Hkv, K, D) sums of each column's values: one fp32 reduction over v
+    every key of column j weighs col_mean[j] / (S / K), so the context is sum_j col_mean[j] vmean[j] over
+    sum_j col_mean[j], with vmean the columns' mean values (kernels.column_means: one fp32 reduction over v)
     instead of an fp32 copy of v, a (B, H, S) weight and a gather of v per query head."""
-    B, Hkv, S, D = v.shape
-    K = col_mean.shape[-1]
-    vsum = v.view(B, Hkv, K, S // K, D).sum(3, dtype=torch.float32)  # (B, Hkv, K, D)
-    w = col_mean / (col_mean.sum(-1, keepdim=True) * (S // K)).clamp(min=1e-30)  # (B, H, K)
-    return torch.einsum("bhk,bhkd->bhd", w, vsum[:, heads])[:, :, None, :]
+    w = col_mean / col_mean.sum(-1, keepdim=True).clamp(min=1e-30)  # (B, H, K)
+    return torch.einsum("bhk,bhkd->bhd", w, column_means(v, None, col_mean.shape[-1])[:, heads])[:, :, None, :]
 
 
 def mask_geometry(estimator: SEAEstimator, H: int, T: int, S: int, device, key_valid=None):
