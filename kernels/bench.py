@@ -7,7 +7,9 @@ with a block mask of equal keys per row, and the plain-torch reference.
 Two forms of our op: `cols` is what a SEA layer runs on the GPU (sea_edge::sparse_attention_cols: the block plan
 built from the kept compressed columns, then the forward kernel); `idx` is the generic op over per-row key lists
 (sea_edge::sparse_attention: plan from idx, then the same kernel). `kern64` is the forward kernel alone on a prebuilt
-plan, the like-for-like comparison with Flex, whose block mask is also built outside its timing.
+plan, whose block mask is also built outside its timing, like Flex's. `same` is that kernel over Flex's own key
+blocks (the best of 64- and 128-row tiles): the same keys, the same work, so `same/flex` compares the kernels alone,
+while `kern/flex` also carries the extra blocks a SEA mask's tile computes (`work/k`).
 
 Masks are built with the real mask references (select_columns_ref, expand_columns_ref) from smooth, local random
 compressed probabilities. The compressed width is K = 256 (SEA.md, the paper's OPT setting) unless a column's span S/K would
@@ -31,7 +33,7 @@ import torch
 
 from .reference import expand_columns_ref, select_columns_ref, sparse_attention_ref
 
-__all__ = ["bench_masks", "main"]
+__all__ = ["bench_masks", "flex_blocks", "flex_blocks_plan", "main"]
 
 # Per-row noise on the compressed logits. 0.5 (first H100 run) made neighbouring rows pick mostly different columns
 # (64-row tiles computed 5.5x the kept scores at T = 64k, k = 2048), unlike SEA's CNN-smoothed estimate where
@@ -77,12 +79,11 @@ def bench_masks(B, H, T, S, k, causal, device, seed=0, chunk=4096):
     return torch.cat(out, 2).contiguous(), K, torch.cat(out_cols, 2).contiguous()
 
 
-def flex_block_mask(B, H, T, S, k, causal, device, seed=0):
-    """FlexAttention block mask with the keys per row of our masks: k / KB random distinct key blocks of
-    KB = min(128, k) keys per 128-query block; causal: among the blocks at or before the query block, and
-    k (p + 1) / S keys at position p, like SEA's causal columns."""
-    from torch.nn.attention.flex_attention import BlockMask
-
+def flex_blocks(B, H, T, S, k, causal, device, seed=0):
+    """The key blocks of the Flex comparison, equal keys per row: k / KB random distinct key blocks of KB = min(128, k)
+    keys per 128-query block; causal: among the blocks at or before the query block, and k (p + 1) / S keys at
+    position p, like SEA's causal columns. Returns (num (B, H, nq) int32, order (B, H, nq, nk) int32: the first num
+    of each row are the kept blocks, QB, KB)."""
     QB, KB = 128, min(128, k)
     nq, nk = math.ceil(T / QB), math.ceil(S / KB)
     per = max(1, k // KB)
@@ -99,7 +100,44 @@ def flex_block_mask(B, H, T, S, k, causal, device, seed=0):
         num = torch.minimum(allowed, want.view(1, 1, -1)).to(torch.int32)
     else:
         num = allowed.clamp(max=per).to(torch.int32)
-    return BlockMask.from_kv_blocks(num, order.contiguous(), BLOCK_SIZE=(QB, KB))
+    return num, order.contiguous(), QB, KB
+
+
+def flex_block_mask(B, H, T, S, k, causal, device, seed=0):
+    """FlexAttention's BlockMask of `flex_blocks` (whole blocks, no mask_mod)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    num, order, QB, KB = flex_blocks(B, H, T, S, k, causal, device, seed)
+    return BlockMask.from_kv_blocks(num, order, BLOCK_SIZE=(QB, KB))
+
+
+def flex_blocks_plan(num, order, QB, KB, T, S, block_m=64):
+    """Our forward's plan (SparsePlan) over exactly the keys of `flex_blocks`: every row of a tile keeps all keys of
+    its query block's key blocks, in 64-key blocks (`sparse_attention_plan` of the expanded keys gives the same).
+    Our kernel on it against Flex is the comparison at the same mask, same work."""
+    from .triton_sparse_attention import BLOCK_N, SparsePlan
+
+    if QB % block_m or KB % BLOCK_N:
+        raise ValueError(f"query blocks of {QB} need tiles dividing them ({block_m}); key blocks of {KB}, a multiple "
+                         f"of {BLOCK_N}")
+    B, H, _, nk = order.shape
+    n_tiles, sub = math.ceil(T / block_m), KB // BLOCK_N
+    qb = torch.arange(n_tiles, device=order.device) * block_m // QB  # each tile's query block
+    kb = order[:, :, qb].reshape(B * H, n_tiles, nk).long()
+    blk = (kb[..., :, None] * sub + torch.arange(sub, device=order.device)).flatten(-2)  # (BH, tiles, nk * sub)
+    kept = torch.arange(nk * sub, device=order.device) < num[:, :, qb].reshape(B * H, n_tiles, 1) * sub
+    kept &= blk * BLOCK_N < S  # a 64-key block past S (in a key block cut by S) holds no key
+    n = kept.sum(-1)  # 64-key blocks per tile
+    cap = max(1, int(n.max()))
+    blk = torch.sort(torch.where(kept, blk, 1 << 40), dim=-1).values[..., :cap]  # ascending, the unused slots last
+    live = torch.arange(cap, device=order.device) < n[..., None]
+    blk = torch.where(live, blk, 0)
+    keys = (S - blk * BLOCK_N).clamp(0, BLOCK_N)  # keys of the block below S
+    bits = torch.where(keys >= BLOCK_N, -1, (1 << keys.clamp(max=BLOCK_N - 1)) - 1)  # (BH, tiles, cap) int64
+    rows = torch.arange(n_tiles * block_m, device=order.device).view(n_tiles, block_m) < T
+    bits = torch.where(live[..., None] & rows[:, None, :], bits[..., None], 0)  # (BH, tiles, cap, block_m)
+    return SparsePlan(blk.to(torch.int32).contiguous(), bits.contiguous(), n.to(torch.int32).contiguous(), block_m,
+                      cap)
 
 
 def _time_ms(fn, cuda):
@@ -206,8 +244,15 @@ def run_config(B, Hq, Hkv, T, k, causal, D, dtype, device, args, flex_fn, cache)
                 break
             except Exception as e:  # noqa: BLE001
                 row["flex_error"] = repr(e)[:300]
-    for name in ("ours", "cols", "kernel64"):
-        row[f"{name}_over_flex"] = row[f"{name}_ms"] / row["flex_ms"]  # NaN without Flex
+    if "flex_keys_per_row" in row:  # our forward kernel over Flex's own key blocks: same mask, same work
+        blocks = flex_blocks(B, Hq, T, S, row["flex_keys_per_row"], causal, device)
+        for bm in (64, 128):
+            fplan = flex_blocks_plan(*blocks, T, S, block_m=bm)
+            row[f"same{bm}_ms"] = _time_ms(lambda: sparse_attention_triton(q, kk, vv, idx, scale, plan=fplan), cuda)  # noqa: B023
+        row["same_ms"] = min(row["same64_ms"], row["same128_ms"])
+        del fplan, blocks
+    for name in ("ours", "cols", "kernel64", "same"):
+        row[f"{name}_over_flex"] = row.get(f"{name}_ms", float("nan")) / row["flex_ms"]  # NaN without Flex
 
     # the torch reference: only where its gathered (chunk x w x D) fp32 blocks stay small and time stays sane
     if T * k <= args.ref_max:
@@ -222,7 +267,8 @@ COLS = [("Hq", "H"), ("Hkv", "Hkv"), ("T", "T"), ("k", "k"), ("causal", "causal"
         ("cols_tflops", "TFLOP/s"), ("cols_gbs", "GB/s"), ("cols_peak_mib", "peak MiB"), ("colsplan_ms", "cplan"),
         ("ours_ms", "idx ms"), ("plan64_ms", "iplan"), ("kernel64_ms", "kern64"), ("kernel128_ms", "kern128"),
         ("work64_over_k", "work/k"), ("sdpa_flash_ms", "sdpa ms"), ("flex_ms", "flex ms"),
-        ("cols_over_flex", "cols/flex"), ("kernel64_over_flex", "kern/flex"), ("ref_ms", "ref ms")]
+        ("cols_over_flex", "cols/flex"), ("kernel64_over_flex", "kern/flex"), ("same_ms", "same ms"),
+        ("same_over_flex", "same/flex"), ("ref_ms", "ref ms")]
 
 
 def format_table(rows):

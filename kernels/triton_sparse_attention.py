@@ -357,6 +357,22 @@ def sparse_attention_plan(idx: torch.Tensor, S: int, block_m: int = 64) -> Spars
 
 
 @triton.jit
+def _masked(x, bits, other, BN: tl.constexpr):
+    """x (BM, BN) where each row keeps the keys of its bitmask bits (BM,) int64, `other` elsewhere. Where every row of
+    the block keeps all of it or none (SEA's kept spans are whole blocks from S / K >= BN keys per column) one select
+    per row does it, without a bit test per key; else the bit tests run on the mask's two 32-bit halves (an int64
+    shift per key costs several 32-bit instructions)."""
+    whole = tl.max(((bits != 0) & (bits != -1)).to(tl.int32), 0) == 0
+    if whole:
+        out = tl.where((bits != 0)[:, None], x, other)
+    else:
+        c = tl.arange(0, BN)
+        word = tl.where(c[None, :] < 32, bits.to(tl.int32)[:, None], (bits >> 32).to(tl.int32)[:, None])
+        out = tl.where(((word >> (c[None, :] % 32)) & 1) != 0, x, other)
+    return out
+
+
+@triton.jit
 def _attend_block(q, k_ptr, v_ptr, kv_base, nb, bits, m_i, l_i, acc, S, qk_scale,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """One online-softmax step of the forward over key block nb, each row keeping the keys of its bitmask bits (BM,)
@@ -369,9 +385,8 @@ def _attend_block(q, k_ptr, v_ptr, kv_base, nb, bits, m_i, l_i, acc, S, qk_scale
     kvm = (keys < S)[:, None] & (d < D)[None, :]
     kb = tl.load(k_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
     vb = tl.load(v_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
-    keep = ((bits[:, None] >> nb_cols[None, :].to(tl.int64)) & 1) != 0  # (BM, BN)
     s = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale  # (BM, BN), log2 units
-    s = tl.where(keep, s, float("-inf"))
+    s = _masked(s, bits, float("-inf"), BN)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet: exp2(-inf) = 0
     alpha = tl.exp2(m_i - m_safe)
@@ -512,9 +527,8 @@ def _sparse_attention_bwd_kernel(
         kb = tl.load(k_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
         vb = tl.load(v_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
         bits = tl.load(bits_ptr + (base + u) * BM + tl.arange(0, BM))
-        keep = ((bits[:, None] >> nb_cols[None, :].to(tl.int64)) & 1) != 0
         s = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale
-        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)  # (BM, BN) probabilities
+        p = _masked(tl.exp2(s - lse[:, None]), bits, 0.0, BN)  # (BM, BN) probabilities
         dp = tl.dot(do, tl.trans(vb), input_precision=PREC)  # (BM, BN)
         ds = p * (dp - delta[:, None])  # (BM, BN) dL/dscore (before the scale)
         dq += tl.dot(ds.to(kb.dtype), kb, input_precision=PREC)

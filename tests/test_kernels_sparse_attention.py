@@ -46,7 +46,7 @@ def attention_gather(q, k, v, idx, scale, dtype, chunk=256):
 
 def make_idx(kind, B, H, T, S, causal, g):
     """Test masks: 'sea' from the real mask references (random probs -> sparse_index_ref), 'random' sorted random
-    key subsets of mixed lengths, 'holes' with whole rows of -1 and w > S."""
+    key subsets of mixed lengths, 'holes' with whole rows of -1 and w > S, 'blocks' whole 64-key blocks."""
     if kind == "sea":
         K = 16 if S < 1024 else 256
         probs = torch.rand(B, H, T, K, generator=g, device=DEV).softmax(-1)
@@ -55,6 +55,10 @@ def make_idx(kind, B, H, T, S, causal, g):
     w = S + 5 if kind == "holes" else max(1, S // 3)
     pos = torch.arange(S - T, S, device=DEV).view(1, 1, T, 1)
     score = torch.rand(B, H, T, S, generator=g, device=DEV)
+    if kind == "blocks":  # whole 64-key blocks per row (the kernels' one-select-per-row path), cut by S and causality
+        w = S
+        blocks = torch.rand(B, H, T, -(-S // 64), generator=g, device=DEV)
+        score = blocks.repeat_interleave(64, -1)[..., :S] * 0.6  # a block is kept (< 0.3) whole or not at all
     if causal:
         score = score.masked_fill(torch.arange(S, device=DEV) > pos, 2.0)  # never kept
     keep = score < 0.3
@@ -82,6 +86,8 @@ CPU_CASES = [
     (2, 4, 4, 7, 30, 60, True, "holes"),
     (1, 6, 3, 63, 100, 64, False, "random"),
     (1, 4, 2, 13, 13, 16, True, "random"),
+    (1, 2, 1, 70, 200, 32, False, "blocks"),
+    (1, 2, 2, 70, 200, 32, True, "blocks"),
 ]
 
 
@@ -103,9 +109,16 @@ def test_forward_fp32_interpreter(case):
     assert_rel_err(out, exact, 1e-5)
     empty = (idx < 0).all(-1)
     assert (out[empty] == 0).all(), "rows without keys must output zeros"
+    if kind == "blocks":  # the mask takes both of the kernels' paths: whole blocks for every row of a tile, and not
+        from sea_edge.kernels.triton_sparse_attention import sparse_attention_plan
+
+        plan = sparse_attention_plan(idx, S)
+        live = torch.arange(plan.cap, device=DEV) < plan.cnt[..., None]  # (B*H, tiles, cap)
+        whole = ((plan.bits == 0) | (plan.bits == -1)).all(-1)
+        assert (whole & live).any() and (~whole & live).any()
 
 
-@pytest.mark.parametrize("case", CPU_CASES[:4], ids=case_id)
+@pytest.mark.parametrize("case", CPU_CASES[:4] + CPU_CASES[5:], ids=case_id)
 def test_backward_fp32_interpreter(case):
     B, Hq, Hkv, T, S, D, causal, kind = case
     g = torch.Generator(DEV).manual_seed(1 + hash(case) % 2**31)
