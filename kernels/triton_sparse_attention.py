@@ -44,7 +44,9 @@ _CFG = {"fwd_warps": None, "fwd_stages": 3, "plan_ch": None, "plan_warps": 4, "p
         # the fused forward visits each head's rows by their first kept key where rows keep one column per head
         # (bidirectional / causal, _row_order). Layer at 64k, 12/12, H100: 11.26 against 13.54 ms bidirectional,
         # 26.78 against 30.03 causal (with the encoder then behind the query; results/sweep_layer_h100_2026-12-07_order)
-        "cols_sort_bidir": True, "cols_sort_causal": True}
+        "cols_sort_bidir": True, "cols_sort_causal": True,
+        # one column per row and head: the fused forward's blocks straight from each row's one span (no merge loop)
+        "cols_one": True}
 
 
 @triton.jit
@@ -215,6 +217,12 @@ _BIG = tl.constexpr(1 << 62)  # "no more keys": past every key block
 
 
 @triton.jit
+def _min_max(a0, a1, b0, b1):
+    """Combine of a two-value reduction: the min of the first, the max of the second."""
+    return tl.minimum(a0, b0), tl.maximum(a1, b1)
+
+
+@triton.jit
 def _span_at(row_ptr, p, c, L, K, live):
     """[start, end) of each row's slot p (int64); BIG for both past the row's last kept column or where not live."""
     j = tl.load(row_ptr + p, mask=live & (p < c), other=-1).to(tl.int64)
@@ -357,12 +365,17 @@ def sparse_attention_plan(idx: torch.Tensor, S: int, block_m: int = 64) -> Spars
 
 
 @triton.jit
-def _masked(x, bits, other, BN: tl.constexpr):
-    """x (BM, BN) where each row keeps the keys of its bitmask bits (BM,) int64, `other` elsewhere. Where every row of
-    the block keeps all of it or none (SEA's kept spans are whole blocks from S / K >= BN keys per column) one select
-    per row does it, without a bit test per key; else the bit tests run on the mask's two 32-bit halves (an int64
-    shift per key costs several 32-bit instructions)."""
-    whole = tl.max(((bits != 0) & (bits != -1)).to(tl.int32), 0) == 0
+def _part(bits):
+    """1 where a row keeps part of the block (its mask neither 0 nor all ones), else 0: (BM,) int32."""
+    return ((bits != 0) & (bits != -1)).to(tl.int32)
+
+
+@triton.jit
+def _masked(x, bits, whole, other, BN: tl.constexpr):
+    """x (BM, BN) where each row keeps the keys of its bitmask bits (BM,) int64, `other` elsewhere. `whole`: every
+    row of the block keeps all of it or none (no _part; SEA's kept spans are whole blocks from S / K >= BN keys per
+    column): one select per row, without a bit test per key. Else the bit tests run on the mask's two 32-bit halves
+    (an int64 shift per key costs several 32-bit instructions)."""
     if whole:
         out = tl.where((bits != 0)[:, None], x, other)
     else:
@@ -373,11 +386,11 @@ def _masked(x, bits, other, BN: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(q, k_ptr, v_ptr, kv_base, nb, bits, m_i, l_i, acc, S, qk_scale,
+def _attend_block(q, k_ptr, v_ptr, kv_base, nb, bits, whole, m_i, l_i, acc, S, qk_scale,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """One online-softmax step of the forward over key block nb, each row keeping the keys of its bitmask bits (BM,)
-    int64: (BM x BN x D) products on tensor cores. Returns the updated (m_i, l_i, acc). A row whose mask is 0 stays
-    exactly as it was (p = 0, alpha = 1, or all zero while it has no key yet)."""
+    int64 (`whole`: as in _masked): (BM x BN x D) products on tensor cores. Returns the updated (m_i, l_i, acc). A row
+    whose mask is 0 stays exactly as it was (p = 0, alpha = 1, or all zero while it has no key yet)."""
     d = tl.arange(0, BLOCK_D)
     nb_cols = tl.arange(0, BN)
     keys = nb * BN + nb_cols  # (BN,)
@@ -386,7 +399,7 @@ def _attend_block(q, k_ptr, v_ptr, kv_base, nb, bits, m_i, l_i, acc, S, qk_scale
     kb = tl.load(k_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
     vb = tl.load(v_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
     s = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale  # (BM, BN), log2 units
-    s = _masked(s, bits, float("-inf"), BN)
+    s = _masked(s, bits, whole, float("-inf"), BN)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet: exp2(-inf) = 0
     alpha = tl.exp2(m_i - m_safe)
@@ -432,8 +445,8 @@ def _sparse_attention_fwd_kernel(
     for u in range(n_u):
         nb = tl.load(blk_ptr + base + u)
         bits = tl.load(bits_ptr + (base + u) * BM + tl.arange(0, BM))  # (BM,) int64
-        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, bits, m_i, l_i, acc, S, qk_scale,
-                                      D, BLOCK_D, BN, PREC)
+        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, bits, tl.max(_part(bits), 0) == 0, m_i, l_i,
+                                      acc, S, qk_scale, D, BLOCK_D, BN, PREC)
     _store_out(acc, l_i, m_i, o_ptr, lse_ptr, q_off, bh, T, rows, rmask, dmask)
 
 
@@ -441,7 +454,7 @@ def _sparse_attention_fwd_kernel(
 def _sparse_attention_cols_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cols_ptr, kvb_ptr, order_ptr,
     qk_scale, T, S, K, Hq, group, c, n_kblocks,
-    CAUSAL: tl.constexpr, HAS_KV: tl.constexpr, ORDER: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV: tl.constexpr, ORDER: tl.constexpr, ONE: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     """The forward of `_sparse_attention_fwd_kernel` over the blocks `_sparse_attention_cols_plan_kernel` would list,
@@ -480,16 +493,36 @@ def _sparse_attention_cols_fwd_kernel(
     p = tl.zeros([BM], tl.int32)
     pos, end = _span_at(row_ptr, p, c, L, K, live)  # (BM,) int64
     nb = tl.min(pos // BN, 0)
-    while nb < n_kblocks:
-        lo = nb * BN
-        hi = lo + BN
-        mask, pos, end, p = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM)
-        if HAS_KV:
-            mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
-        # a block whose masks are all 0 (only padding keys) changes no row (_attend_block), as the plan drops it
-        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, mask, m_i, l_i, acc, S, qk_scale,
-                                      D, BLOCK_D, BN, PREC)
-        nb = tl.min(pos // BN, 0)
+    if ONE:
+        # one column per row: its span [pos, end) is the whole mask. A block's masks, whether they are whole, and the
+        # next block (the least next uncovered key) come from the rows' spans directly, in one reduction per block
+        # instead of the merge loop's three and _part's one
+        while nb < n_kblocks:
+            lo = nb * BN
+            hi = lo + BN
+            a = tl.maximum(pos, lo)
+            z = tl.minimum(end, hi)
+            ln = tl.maximum(z - a, 1)
+            # as in _block_masks: ln in [1, 64], (2 << (ln - 1)) - 1 = ln ones (all ones at 64)
+            mask = tl.where(z > a, ((tl.full([BM], 2, tl.int64) << (ln - 1)) - 1) << tl.minimum(a - lo, BN - 1), 0)
+            if HAS_KV:
+                mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
+            nxt = tl.where(end > hi, tl.maximum(pos, hi), _BIG) // BN
+            nb_next, any_part = tl.reduce((nxt, _part(mask)), 0, _min_max)
+            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, mask, any_part == 0, m_i, l_i, acc, S,
+                                          qk_scale, D, BLOCK_D, BN, PREC)
+            nb = nb_next
+    else:
+        while nb < n_kblocks:
+            lo = nb * BN
+            hi = lo + BN
+            mask, pos, end, p = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM)
+            if HAS_KV:
+                mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
+            # a block whose masks are all 0 (only padding keys) changes no row (_attend_block), as the plan drops it
+            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, mask, tl.max(_part(mask), 0) == 0, m_i, l_i,
+                                          acc, S, qk_scale, D, BLOCK_D, BN, PREC)
+            nb = tl.min(pos // BN, 0)
     _store_out(acc, l_i, m_i, o_ptr, lse_ptr, q_off, bh, T, rows, live, dmask)
 
 
@@ -528,7 +561,7 @@ def _sparse_attention_bwd_kernel(
         vb = tl.load(v_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
         bits = tl.load(bits_ptr + (base + u) * BM + tl.arange(0, BM))
         s = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale
-        p = _masked(tl.exp2(s - lse[:, None]), bits, 0.0, BN)  # (BM, BN) probabilities
+        p = _masked(tl.exp2(s - lse[:, None]), bits, tl.max(_part(bits), 0) == 0, 0.0, BN)  # (BM, BN) probabilities
         dp = tl.dot(do, tl.trans(vb), input_precision=PREC)  # (BM, BN)
         ds = p * (dp - delta[:, None])  # (BM, BN) dL/dscore (before the scale)
         dq += tl.dot(ds.to(kb.dtype), kb, input_precision=PREC)
@@ -669,7 +702,7 @@ def _sparse_attention_cols_fwd(q, k, v, cols, K: int, causal: bool, scale: float
     _sparse_attention_cols_fwd_kernel[(triton.cdiv(T, block_m), B * Hq)](
         q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse, cols_ptr=cols, kvb_ptr=kvb, order_ptr=order,
         qk_scale=scale * math.log2(math.e), T=T, S=S, K=K, Hq=Hq, group=Hq // Hkv, c=c, n_kblocks=n_kblocks,
-        CAUSAL=bool(causal), HAS_KV=key_valid is not None, ORDER=ordered,
+        CAUSAL=bool(causal), HAS_KV=key_valid is not None, ORDER=ordered, ONE=c == 1 and _CFG["cols_one"],
         D=D, BLOCK_D=block_d, BM=block_m, BN=BLOCK_N, PREC=prec,
         num_warps=_CFG["cols_fused_warps"],
     )

@@ -74,6 +74,8 @@ PLAN_CASES = [
     (2, 1, 111, 111, 128, 9, True, True, False),
     (1, 3, 150, 400, 16, 1, False, False, True),  # one column per row and head: rows visited by first key
     (2, 2, 140, 500, 32, 1, True, True, False),
+    (1, 2, 130, 1024, 4, 1, False, False, True),  # one column of 256 keys: whole blocks only
+    (1, 2, 100, 700, 4, 1, True, False, False),  # one causal column over several blocks, cut inside them
 ]
 
 
