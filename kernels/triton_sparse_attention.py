@@ -223,6 +223,12 @@ def _min_max(a0, a1, b0, b1):
 
 
 @triton.jit
+def _max_min_max(a0, a1, a2, b0, b1, b2):
+    """Combine of a three-value reduction: max, min, max."""
+    return tl.maximum(a0, b0), tl.minimum(a1, b1), tl.maximum(a2, b2)
+
+
+@triton.jit
 def _span_at(row_ptr, p, c, L, K, live):
     """[start, end) of each row's slot p (int64); BIG for both past the row's last kept column or where not live."""
     j = tl.load(row_ptr + p, mask=live & (p < c), other=-1).to(tl.int64)
@@ -234,13 +240,18 @@ def _span_at(row_ptr, p, c, L, K, live):
 
 
 @triton.jit
-def _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM: tl.constexpr):
+def _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM: tl.constexpr, BN: tl.constexpr):
     """Each row's key mask inside the block [lo, hi) (BM,) int64, walking its sorted spans: a span shorter than the
-    block adds several runs, and a row moves on to its next column once its span ends in the block. Returns
-    (mask, pos, end, p): the next uncovered key, its span's end and column slot per row."""
+    block adds several runs, and a row moves on to its next column once its span ends in the block. Some row must
+    start in the block (lo = BN * min(pos // BN)). Returns (mask, pos, end, p, nb, part): the next uncovered key,
+    its span's end and column slot per row, the next block (min(pos // BN) after this one) and whether a row keeps
+    part of the block (max of _part(mask)). One reduction per step (a row's run), which also gives the next block."""
     mask = tl.zeros([BM], tl.int64)
     act = pos < hi
-    while tl.max(act.to(tl.int32), 0) > 0:
+    go = lo >= 0  # a do-while: the first step always runs
+    nb = lo // BN
+    part = (lo * 0).to(tl.int32)
+    while go:
         a = tl.maximum(pos, lo)
         z = tl.minimum(end, hi)
         ln = tl.maximum(z - a, 1)
@@ -253,7 +264,9 @@ def _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM: tl.constexpr):
         pos = tl.where(done, n_pos, tl.where(act, hi, pos))
         end = tl.where(done, n_end, end)
         act = pos < hi
-    return mask, pos, end, p
+        more, nb, part = tl.reduce((act.to(tl.int32), pos // BN, _part(mask)), 0, _max_min_max)
+        go = more > 0
+    return mask, pos, end, p, nb, part
 
 
 @triton.jit
@@ -291,15 +304,15 @@ def _sparse_attention_cols_plan_kernel(
     while nb < n_kblocks:
         lo = nb * BN
         hi = lo + BN
-        mask, pos, end, p = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM)
+        mask, pos, end, p, nb_next, _ = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM, BN)
         if HAS_KV:  # padding keys: one packed int64 of key_valid bits per (batch, key block)
             mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
-        if tl.max((mask != 0).to(tl.int32), 0) > 0:
+        if tl.max((mask != 0).to(tl.int32), 0) > 0:  # (columns of no key, or of padding only, add none)
             if EMIT:
                 tl.store(blk_ptr + base + n, nb.to(tl.int32))
                 tl.store(bits_ptr + (base + n) * BM + r, mask)
             n += 1
-        nb = tl.min(pos // BN, 0)
+        nb = nb_next
     tl.store(cnt_ptr + bh * n_tiles + tile, n)
 
 
@@ -516,13 +529,14 @@ def _sparse_attention_cols_fwd_kernel(
         while nb < n_kblocks:
             lo = nb * BN
             hi = lo + BN
-            mask, pos, end, p = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM)
+            mask, pos, end, p, nb_next, part = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM, BN)
             if HAS_KV:
                 mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
+                part = tl.max(_part(mask), 0)
             # a block whose masks are all 0 (only padding keys) changes no row (_attend_block), as the plan drops it
-            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, mask, tl.max(_part(mask), 0) == 0, m_i, l_i,
-                                          acc, S, qk_scale, D, BLOCK_D, BN, PREC)
-            nb = tl.min(pos // BN, 0)
+            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, mask, part == 0, m_i, l_i, acc, S, qk_scale,
+                                          D, BLOCK_D, BN, PREC)
+            nb = nb_next
     _store_out(acc, l_i, m_i, o_ptr, lse_ptr, q_off, bh, T, rows, live, dmask)
 
 
