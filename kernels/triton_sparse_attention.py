@@ -217,15 +217,9 @@ _BIG = tl.constexpr(1 << 62)  # "no more keys": past every key block
 
 
 @triton.jit
-def _min_max(a0, a1, b0, b1):
-    """Combine of a two-value reduction: the min of the first, the max of the second."""
-    return tl.minimum(a0, b0), tl.maximum(a1, b1)
-
-
-@triton.jit
-def _max_min_max(a0, a1, a2, b0, b1, b2):
-    """Combine of a three-value reduction: max, min, max."""
-    return tl.maximum(a0, b0), tl.minimum(a1, b1), tl.maximum(a2, b2)
+def _max_min(a0, a1, b0, b1):
+    """Combine of a two-value reduction: the max of the first, the min of the second."""
+    return tl.maximum(a0, b0), tl.minimum(a1, b1)
 
 
 @triton.jit
@@ -243,14 +237,13 @@ def _span_at(row_ptr, p, c, L, K, live):
 def _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM: tl.constexpr, BN: tl.constexpr):
     """Each row's key mask inside the block [lo, hi) (BM,) int64, walking its sorted spans: a span shorter than the
     block adds several runs, and a row moves on to its next column once its span ends in the block. Some row must
-    start in the block (lo = BN * min(pos // BN)). Returns (mask, pos, end, p, nb, part): the next uncovered key,
-    its span's end and column slot per row, the next block (min(pos // BN) after this one) and whether a row keeps
-    part of the block (max of _part(mask)). One reduction per step (a row's run), which also gives the next block."""
+    start in the block (lo = BN * min(pos // BN)). Returns (mask, pos, end, p, nb): the next uncovered key, its
+    span's end and column slot per row, and the next block (min(pos // BN) after this one). One two-value reduction
+    per step (a row's run) gives both whether rows go on in the block and the next block."""
     mask = tl.zeros([BM], tl.int64)
     act = pos < hi
     go = lo >= 0  # a do-while: the first step always runs
     nb = lo // BN
-    part = (lo * 0).to(tl.int32)
     while go:
         a = tl.maximum(pos, lo)
         z = tl.minimum(end, hi)
@@ -264,9 +257,9 @@ def _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM: tl.constexpr, BN: tl
         pos = tl.where(done, n_pos, tl.where(act, hi, pos))
         end = tl.where(done, n_end, end)
         act = pos < hi
-        more, nb, part = tl.reduce((act.to(tl.int32), pos // BN, _part(mask)), 0, _max_min_max)
+        more, nb = tl.reduce((act.to(tl.int32), pos // BN), 0, _max_min)
         go = more > 0
-    return mask, pos, end, p, nb, part
+    return mask, pos, end, p, nb
 
 
 @triton.jit
@@ -304,7 +297,7 @@ def _sparse_attention_cols_plan_kernel(
     while nb < n_kblocks:
         lo = nb * BN
         hi = lo + BN
-        mask, pos, end, p, nb_next, _ = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM, BN)
+        mask, pos, end, p, nb_next = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM, BN)
         if HAS_KV:  # padding keys: one packed int64 of key_valid bits per (batch, key block)
             mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
         if tl.max((mask != 0).to(tl.int32), 0) > 0:  # (columns of no key, or of padding only, add none)
@@ -378,32 +371,14 @@ def sparse_attention_plan(idx: torch.Tensor, S: int, block_m: int = 64) -> Spars
 
 
 @triton.jit
-def _part(bits):
-    """1 where a row keeps part of the block (its mask neither 0 nor all ones), else 0: (BM,) int32."""
-    return ((bits != 0) & (bits != -1)).to(tl.int32)
-
-
-@triton.jit
-def _masked(x, bits, whole, other, BN: tl.constexpr):
-    """x (BM, BN) where each row keeps the keys of its bitmask bits (BM,) int64, `other` elsewhere. `whole`: every
-    row of the block keeps all of it or none (no _part; SEA's kept spans are whole blocks from S / K >= BN keys per
-    column): one select per row, without a bit test per key. Else the bit tests run on the mask's two 32-bit halves
-    (an int64 shift per key costs several 32-bit instructions)."""
-    if whole:
-        out = tl.where((bits != 0)[:, None], x, other)
-    else:
-        c = tl.arange(0, BN)
-        word = tl.where(c[None, :] < 32, bits.to(tl.int32)[:, None], (bits >> 32).to(tl.int32)[:, None])
-        out = tl.where(((word >> (c[None, :] % 32)) & 1) != 0, x, other)
-    return out
-
-
-@triton.jit
-def _attend_block(q, k_ptr, v_ptr, kv_base, nb, bits, whole, m_i, l_i, acc, S, qk_scale,
+def _attend_block(q, k_ptr, v_ptr, kv_base, nb, bits, m_i, l_i, acc, S, qk_scale,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """One online-softmax step of the forward over key block nb, each row keeping the keys of its bitmask bits (BM,)
-    int64 (`whole`: as in _masked): (BM x BN x D) products on tensor cores. Returns the updated (m_i, l_i, acc). A row
-    whose mask is 0 stays exactly as it was (p = 0, alpha = 1, or all zero while it has no key yet)."""
+    int64: (BM x BN x D) products on tensor cores. Returns the updated (m_i, l_i, acc). A row whose mask is 0 stays
+    exactly as it was (p = 0, alpha = 1, or all zero while it has no key yet).
+    The mask is one int64 bit test per key. Tried: a per-row select where every row keeps the block whole or not at
+    all, with 32-bit bit tests otherwise, behind a row reduction and a branch per block: the planned forward took
+    3.82 ms against 3.43 at T = 64k, k = 2048 and 0.47 against 0.39 at k = 64 (H100, kernels/NOTES.md)."""
     d = tl.arange(0, BLOCK_D)
     nb_cols = tl.arange(0, BN)
     keys = nb * BN + nb_cols  # (BN,)
@@ -411,8 +386,9 @@ def _attend_block(q, k_ptr, v_ptr, kv_base, nb, bits, whole, m_i, l_i, acc, S, q
     kvm = (keys < S)[:, None] & (d < D)[None, :]
     kb = tl.load(k_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
     vb = tl.load(v_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
+    keep = ((bits[:, None] >> nb_cols[None, :].to(tl.int64)) & 1) != 0  # (BM, BN)
     s = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale  # (BM, BN), log2 units
-    s = _masked(s, bits, whole, float("-inf"), BN)
+    s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet: exp2(-inf) = 0
     alpha = tl.exp2(m_i - m_safe)
@@ -458,8 +434,8 @@ def _sparse_attention_fwd_kernel(
     for u in range(n_u):
         nb = tl.load(blk_ptr + base + u)
         bits = tl.load(bits_ptr + (base + u) * BM + tl.arange(0, BM))  # (BM,) int64
-        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, bits, tl.max(_part(bits), 0) == 0, m_i, l_i,
-                                      acc, S, qk_scale, D, BLOCK_D, BN, PREC)
+        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, bits, m_i, l_i, acc, S, qk_scale,
+                                      D, BLOCK_D, BN, PREC)
     _store_out(acc, l_i, m_i, o_ptr, lse_ptr, q_off, bh, T, rows, rmask, dmask)
 
 
@@ -507,9 +483,9 @@ def _sparse_attention_cols_fwd_kernel(
     pos, end = _span_at(row_ptr, p, c, L, K, live)  # (BM,) int64
     nb = tl.min(pos // BN, 0)
     if ONE:
-        # one column per row: its span [pos, end) is the whole mask. A block's masks, whether they are whole, and the
-        # next block (the least next uncovered key) come from the rows' spans directly, in one reduction per block
-        # instead of the merge loop's three and _part's one
+        # one column per row: its span [pos, end) is the whole mask. A block's masks and the next block (the least
+        # next uncovered key) come from the rows' spans directly, in one reduction per block instead of the merge
+        # loop's two or more
         while nb < n_kblocks:
             lo = nb * BN
             hi = lo + BN
@@ -521,20 +497,19 @@ def _sparse_attention_cols_fwd_kernel(
             if HAS_KV:
                 mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
             nxt = tl.where(end > hi, tl.maximum(pos, hi), _BIG) // BN
-            nb_next, any_part = tl.reduce((nxt, _part(mask)), 0, _min_max)
-            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, mask, any_part == 0, m_i, l_i, acc, S,
-                                          qk_scale, D, BLOCK_D, BN, PREC)
+            nb_next = tl.min(nxt, 0)
+            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, mask, m_i, l_i, acc, S, qk_scale,
+                                          D, BLOCK_D, BN, PREC)
             nb = nb_next
     else:
         while nb < n_kblocks:
             lo = nb * BN
             hi = lo + BN
-            mask, pos, end, p, nb_next, part = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM, BN)
+            mask, pos, end, p, nb_next = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM, BN)
             if HAS_KV:
                 mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
-                part = tl.max(_part(mask), 0)
             # a block whose masks are all 0 (only padding keys) changes no row (_attend_block), as the plan drops it
-            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, mask, part == 0, m_i, l_i, acc, S, qk_scale,
+            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, mask, m_i, l_i, acc, S, qk_scale,
                                           D, BLOCK_D, BN, PREC)
             nb = nb_next
     _store_out(acc, l_i, m_i, o_ptr, lse_ptr, q_off, bh, T, rows, live, dmask)
@@ -574,8 +549,9 @@ def _sparse_attention_bwd_kernel(
         kb = tl.load(k_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
         vb = tl.load(v_ptr + kv_off, mask=kvm, other=0.0)  # (BN, BLOCK_D)
         bits = tl.load(bits_ptr + (base + u) * BM + tl.arange(0, BM))
+        keep = ((bits[:, None] >> nb_cols[None, :].to(tl.int64)) & 1) != 0
         s = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale
-        p = _masked(tl.exp2(s - lse[:, None]), bits, tl.max(_part(bits), 0) == 0, 0.0, BN)  # (BM, BN) probabilities
+        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)  # (BM, BN) probabilities
         dp = tl.dot(do, tl.trans(vb), input_precision=PREC)  # (BM, BN)
         ds = p * (dp - delta[:, None])  # (BM, BN) dL/dscore (before the scale)
         dq += tl.dot(ds.to(kb.dtype), kb, input_precision=PREC)

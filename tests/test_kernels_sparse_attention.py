@@ -55,7 +55,7 @@ def make_idx(kind, B, H, T, S, causal, g):
     w = S + 5 if kind == "holes" else max(1, S // 3)
     pos = torch.arange(S - T, S, device=DEV).view(1, 1, T, 1)
     score = torch.rand(B, H, T, S, generator=g, device=DEV)
-    if kind == "blocks":  # whole 64-key blocks per row (the kernels' one-select-per-row path), cut by S and causality
+    if kind == "blocks":  # whole 64-key blocks per row (bit 63 set, all ones), cut by S and causality
         w = S
         blocks = torch.rand(B, H, T, -(-S // 64), generator=g, device=DEV)
         score = blocks.repeat_interleave(64, -1)[..., :S] * 0.6  # a block is kept (< 0.3) whole or not at all
@@ -109,13 +109,6 @@ def test_forward_fp32_interpreter(case):
     assert_rel_err(out, exact, 1e-5)
     empty = (idx < 0).all(-1)
     assert (out[empty] == 0).all(), "rows without keys must output zeros"
-    if kind == "blocks":  # the mask takes both of the kernels' paths: whole blocks for every row of a tile, and not
-        from sea_edge.kernels.triton_sparse_attention import sparse_attention_plan
-
-        plan = sparse_attention_plan(idx, S)
-        live = torch.arange(plan.cap, device=DEV) < plan.cnt[..., None]  # (B*H, tiles, cap)
-        whole = ((plan.bits == 0) | (plan.bits == -1)).all(-1)
-        assert (whole & live).any() and (~whole & live).any()
 
 
 @pytest.mark.parametrize("case", CPU_CASES[:4] + CPU_CASES[5:], ids=case_id)
