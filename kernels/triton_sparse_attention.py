@@ -44,9 +44,7 @@ _CFG = {"fwd_warps": None, "fwd_stages": 3, "plan_ch": None, "plan_warps": 4, "p
         # the fused forward visits each head's rows by their first kept key where rows keep one column per head
         # (bidirectional / causal, _row_order). Layer at 64k, 12/12, H100: 11.26 against 13.54 ms bidirectional,
         # 26.78 against 30.03 causal (with the encoder then behind the query; results/sweep_layer_h100_2026-12-07_order)
-        "cols_sort_bidir": True, "cols_sort_causal": True,
-        # one column per row and head: the fused forward's blocks straight from each row's one span (no merge loop)
-        "cols_one": True}
+        "cols_sort_bidir": True, "cols_sort_causal": True}
 
 
 @triton.jit
@@ -217,12 +215,6 @@ _BIG = tl.constexpr(1 << 62)  # "no more keys": past every key block
 
 
 @triton.jit
-def _max_min(a0, a1, b0, b1):
-    """Combine of a two-value reduction: the max of the first, the min of the second."""
-    return tl.maximum(a0, b0), tl.minimum(a1, b1)
-
-
-@triton.jit
 def _span_at(row_ptr, p, c, L, K, live):
     """[start, end) of each row's slot p (int64); BIG for both past the row's last kept column or where not live."""
     j = tl.load(row_ptr + p, mask=live & (p < c), other=-1).to(tl.int64)
@@ -234,17 +226,13 @@ def _span_at(row_ptr, p, c, L, K, live):
 
 
 @triton.jit
-def _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM: tl.constexpr, BN: tl.constexpr):
+def _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM: tl.constexpr):
     """Each row's key mask inside the block [lo, hi) (BM,) int64, walking its sorted spans: a span shorter than the
-    block adds several runs, and a row moves on to its next column once its span ends in the block. Some row must
-    start in the block (lo = BN * min(pos // BN)). Returns (mask, pos, end, p, nb): the next uncovered key, its
-    span's end and column slot per row, and the next block (min(pos // BN) after this one). One two-value reduction
-    per step (a row's run) gives both whether rows go on in the block and the next block."""
+    block adds several runs, and a row moves on to its next column once its span ends in the block. Returns
+    (mask, pos, end, p): the next uncovered key, its span's end and column slot per row."""
     mask = tl.zeros([BM], tl.int64)
     act = pos < hi
-    go = lo >= 0  # a do-while: the first step always runs
-    nb = lo // BN
-    while go:
+    while tl.max(act.to(tl.int32), 0) > 0:
         a = tl.maximum(pos, lo)
         z = tl.minimum(end, hi)
         ln = tl.maximum(z - a, 1)
@@ -257,9 +245,7 @@ def _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM: tl.constexpr, BN: tl
         pos = tl.where(done, n_pos, tl.where(act, hi, pos))
         end = tl.where(done, n_end, end)
         act = pos < hi
-        more, nb = tl.reduce((act.to(tl.int32), pos // BN), 0, _max_min)
-        go = more > 0
-    return mask, pos, end, p, nb
+    return mask, pos, end, p
 
 
 @triton.jit
@@ -297,15 +283,15 @@ def _sparse_attention_cols_plan_kernel(
     while nb < n_kblocks:
         lo = nb * BN
         hi = lo + BN
-        mask, pos, end, p, nb_next = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM, BN)
+        mask, pos, end, p = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM)
         if HAS_KV:  # padding keys: one packed int64 of key_valid bits per (batch, key block)
             mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
-        if tl.max((mask != 0).to(tl.int32), 0) > 0:  # (columns of no key, or of padding only, add none)
+        if tl.max((mask != 0).to(tl.int32), 0) > 0:
             if EMIT:
                 tl.store(blk_ptr + base + n, nb.to(tl.int32))
                 tl.store(bits_ptr + (base + n) * BM + r, mask)
             n += 1
-        nb = nb_next
+        nb = tl.min(pos // BN, 0)
     tl.store(cnt_ptr + bh * n_tiles + tile, n)
 
 
@@ -375,10 +361,7 @@ def _attend_block(q, k_ptr, v_ptr, kv_base, nb, bits, m_i, l_i, acc, S, qk_scale
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """One online-softmax step of the forward over key block nb, each row keeping the keys of its bitmask bits (BM,)
     int64: (BM x BN x D) products on tensor cores. Returns the updated (m_i, l_i, acc). A row whose mask is 0 stays
-    exactly as it was (p = 0, alpha = 1, or all zero while it has no key yet).
-    The mask is one int64 bit test per key. Tried: a per-row select where every row keeps the block whole or not at
-    all, with 32-bit bit tests otherwise, behind a row reduction and a branch per block: the planned forward took
-    3.82 ms against 3.43 at T = 64k, k = 2048 and 0.47 against 0.39 at k = 64 (H100, kernels/NOTES.md)."""
+    exactly as it was (p = 0, alpha = 1, or all zero while it has no key yet)."""
     d = tl.arange(0, BLOCK_D)
     nb_cols = tl.arange(0, BN)
     keys = nb * BN + nb_cols  # (BN,)
@@ -443,7 +426,7 @@ def _sparse_attention_fwd_kernel(
 def _sparse_attention_cols_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cols_ptr, kvb_ptr, order_ptr,
     qk_scale, T, S, K, Hq, group, c, n_kblocks,
-    CAUSAL: tl.constexpr, HAS_KV: tl.constexpr, ORDER: tl.constexpr, ONE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV: tl.constexpr, ORDER: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     """The forward of `_sparse_attention_fwd_kernel` over the blocks `_sparse_attention_cols_plan_kernel` would list,
@@ -482,36 +465,16 @@ def _sparse_attention_cols_fwd_kernel(
     p = tl.zeros([BM], tl.int32)
     pos, end = _span_at(row_ptr, p, c, L, K, live)  # (BM,) int64
     nb = tl.min(pos // BN, 0)
-    if ONE:
-        # one column per row: its span [pos, end) is the whole mask. A block's masks and the next block (the least
-        # next uncovered key) come from the rows' spans directly, in one reduction per block instead of the merge
-        # loop's two or more
-        while nb < n_kblocks:
-            lo = nb * BN
-            hi = lo + BN
-            a = tl.maximum(pos, lo)
-            z = tl.minimum(end, hi)
-            ln = tl.maximum(z - a, 1)
-            # as in _block_masks: ln in [1, 64], (2 << (ln - 1)) - 1 = ln ones (all ones at 64)
-            mask = tl.where(z > a, ((tl.full([BM], 2, tl.int64) << (ln - 1)) - 1) << tl.minimum(a - lo, BN - 1), 0)
-            if HAS_KV:
-                mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
-            nxt = tl.where(end > hi, tl.maximum(pos, hi), _BIG) // BN
-            nb_next = tl.min(nxt, 0)
-            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, mask, m_i, l_i, acc, S, qk_scale,
-                                          D, BLOCK_D, BN, PREC)
-            nb = nb_next
-    else:
-        while nb < n_kblocks:
-            lo = nb * BN
-            hi = lo + BN
-            mask, pos, end, p, nb_next = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM, BN)
-            if HAS_KV:
-                mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
-            # a block whose masks are all 0 (only padding keys) changes no row (_attend_block), as the plan drops it
-            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, mask, m_i, l_i, acc, S, qk_scale,
-                                          D, BLOCK_D, BN, PREC)
-            nb = nb_next
+    while nb < n_kblocks:
+        lo = nb * BN
+        hi = lo + BN
+        mask, pos, end, p = _block_masks(row_ptr, p, pos, end, c, L, K, lo, hi, BM)
+        if HAS_KV:
+            mask &= tl.load(kvb_ptr + b.to(tl.int64) * n_kblocks + nb)
+        # a block whose masks are all 0 (only padding keys) changes no row (_attend_block), as the plan drops it
+        m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, kv_base, nb, mask, m_i, l_i, acc, S, qk_scale,
+                                      D, BLOCK_D, BN, PREC)
+        nb = tl.min(pos // BN, 0)
     _store_out(acc, l_i, m_i, o_ptr, lse_ptr, q_off, bh, T, rows, live, dmask)
 
 
@@ -692,7 +655,7 @@ def _sparse_attention_cols_fwd(q, k, v, cols, K: int, causal: bool, scale: float
     _sparse_attention_cols_fwd_kernel[(triton.cdiv(T, block_m), B * Hq)](
         q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, lse_ptr=lse, cols_ptr=cols, kvb_ptr=kvb, order_ptr=order,
         qk_scale=scale * math.log2(math.e), T=T, S=S, K=K, Hq=Hq, group=Hq // Hkv, c=c, n_kblocks=n_kblocks,
-        CAUSAL=bool(causal), HAS_KV=key_valid is not None, ORDER=ordered, ONE=c == 1 and _CFG["cols_one"],
+        CAUSAL=bool(causal), HAS_KV=key_valid is not None, ORDER=ordered,
         D=D, BLOCK_D=block_d, BM=block_m, BN=BLOCK_N, PREC=prec,
         num_warps=_CFG["cols_fused_warps"],
     )
