@@ -103,11 +103,10 @@ def flex_blocks(B, H, T, S, k, causal, device, seed=0):
     return num, order.contiguous(), QB, KB
 
 
-def flex_block_mask(B, H, T, S, k, causal, device, seed=0):
-    """FlexAttention's BlockMask of `flex_blocks` (whole blocks, no mask_mod)."""
+def flex_block_mask(num, order, QB, KB):
+    """FlexAttention's BlockMask of `flex_blocks`' blocks (whole blocks, no mask_mod)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    num, order, QB, KB = flex_blocks(B, H, T, S, k, causal, device, seed)
     return BlockMask.from_kv_blocks(num, order, BLOCK_SIZE=(QB, KB))
 
 
@@ -234,18 +233,20 @@ def run_config(B, Hq, Hkv, T, k, causal, D, dtype, device, args, flex_fn, cache)
     row["sdpa_flash_ms"] = cache[key]
 
     row["flex_ms"] = float("nan")
+    blocks = None
     if flex_fn is not None:
         for kf in dict.fromkeys((k, max(k, 128))):  # k < 128: 64-key blocks if Flex takes them, else 128 keys
             try:
-                bm_ = flex_block_mask(B, Hq, T, S, kf, causal, device)
+                blocks = flex_blocks(B, Hq, T, S, kf, causal, device)
+                bm_ = flex_block_mask(*blocks)
                 f = lambda: flex_fn(q, kk, vv, block_mask=bm_, scale=scale, enable_gqa=Hq != Hkv)  # noqa: B023
                 row["flex_ms"] = _time_ms(f, cuda)
                 row["flex_keys_per_row"] = kf
                 break
             except Exception as e:  # noqa: BLE001
                 row["flex_error"] = repr(e)[:300]
-    if "flex_keys_per_row" in row:  # our forward kernel over Flex's own key blocks: same mask, same work
-        blocks = flex_blocks(B, Hq, T, S, row["flex_keys_per_row"], causal, device)
+                blocks = None
+    if blocks is not None:  # our forward kernel over Flex's own key blocks: same mask, same work
         for bm in (64, 128):
             fplan = flex_blocks_plan(*blocks, T, S, block_m=bm)
             row[f"same{bm}_ms"] = _time_ms(lambda: sparse_attention_triton(q, kk, vv, idx, scale, plan=fplan), cuda)  # noqa: B023
